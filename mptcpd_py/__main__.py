@@ -1,0 +1,3 @@
+from mptcpd_py.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""Network namespaces joined by veth pairs: the demo's, the benchmarks' and
+the tests' laboratory.
+
+Only documentation addresses are used; every namespace made here has a
+unique name and is deleted by :meth:`Lab.close`, also after a failure.
+Nothing here touches the namespace the program runs in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from mptcpd_py.netns import NETNS_RUN_DIR, in_netns
+
+IPPROTO_MPTCP = 262
+PREFIX = "mptcpdpy-"
+_counter = itertools.count(1)
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def _run(args: Sequence[str], *, check: bool = True, timeout: float = 30) -> str:
+    proc = subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+class Netns:
+    """One network namespace of a lab."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.processes: list[subprocess.Popen[Any]] = []
+
+    def __repr__(self) -> str:
+        return f"Netns({self.name!r})"
+
+    @property
+    def path(self) -> str:
+        return os.path.join(NETNS_RUN_DIR, self.name)
+
+    def ip(self, *args: str, check: bool = True) -> str:
+        return _run(["ip", "-n", self.name, *args], check=check)
+
+    def ip_json(self, *args: str) -> Any:
+        out = _run(["ip", "-n", self.name, "-j", *args])
+        return json.loads(out) if out.strip() else []
+
+    def run(self, *args: str, check: bool = True, timeout: float = 30) -> str:
+        return _run(["ip", "netns", "exec", self.name, *args], check=check, timeout=timeout)
+
+    def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        proc = subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kwargs)
+        self.processes.append(proc)
+        return proc
+
+    def sysctl(self, key: str, value: str | int) -> None:
+        self.run("sysctl", "-q", "-w", f"{key}={value}")
+
+    def read_sysctl(self, key: str) -> str:
+        return self.run("sysctl", "-n", key).strip()
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        """``ip mptcp endpoint show`` as iproute2 prints it, one dict a line."""
+        out = self.ip("mptcp", "endpoint", "show")
+        rows = []
+        for line in out.splitlines():
+            words = line.split()
+            if not words:
+                continue
+            row: dict[str, Any] = {"address": words[0], "flags": set()}
+            it = iter(words[1:])
+            for word in it:
+                if word in ("id", "dev", "port"):
+                    row[word] = next(it, "")
+                else:
+                    row["flags"].add(word)
+            if "id" in row:
+                row["id"] = int(row["id"])
+            rows.append(row)
+        return rows
+
+    def link_bytes(self, ifname: str) -> tuple[int, int]:
+        """(rx_bytes, tx_bytes) of an interface."""
+        (info,) = self.ip_json("-s", "link", "show", "dev", ifname)
+        stats = info["stats64"]
+        return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"])
+
+    def socket(self, family: int = socket.AF_INET, proto: int = IPPROTO_MPTCP) -> socket.socket:
+        """A socket created inside this namespace (it stays there)."""
+        with in_netns(self.name):
+            return socket.socket(family, socket.SOCK_STREAM, proto)
+
+    def kill_processes(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+        self.processes.clear()
+
+
+class Lab:
+    """A set of namespaces and links, deleted together on close()."""
+
+    def __init__(self, tag: str = "lab") -> None:
+        if os.geteuid() != 0:
+            raise LabError("network namespaces need root")
+        self.tag = tag
+        self.namespaces: list[Netns] = []
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def netns(self, role: str) -> Netns:
+        name = f"{PREFIX}{os.getpid()}-{next(_counter)}-{role}"
+        _run(["ip", "netns", "add", name])
+        ns = Netns(name)
+        self.namespaces.append(ns)
+        ns.ip("link", "set", "lo", "up")
+        return ns
+
+    def veth(self, a: Netns, name_a: str, b: Netns, name_b: str, *, up: bool = True) -> None:
+        """A veth pair with one end in each namespace (created inside ``a``)."""
+        a.ip("link", "add", name_a, "type", "veth", "peer", "name", name_b, "netns", b.name)
+        if up:
+            a.ip("link", "set", name_a, "up")
+            b.ip("link", "set", name_b, "up")
+
+    def close(self) -> None:
+        for ns in reversed(self.namespaces):
+            ns.kill_processes()
+            _run(["ip", "netns", "del", ns.name], check=False)
+        self.namespaces.clear()
+
+
+def cleanup_stale_namespaces() -> list[str]:
+    """Delete lab namespaces whose creating process is gone (a crashed run)."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(NETNS_RUN_DIR):
+            if not name.startswith(PREFIX):
+                continue
+            pid = name[len(PREFIX) :].split("-", 1)[0]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                _run(["ip", "netns", "del", name], check=False)
+                removed.append(name)
+    return removed
+
+
+def shape(ns: Netns, ifname: str, rate_mbit: float, *, latency_ms: int = 20) -> None:
+    """Limit egress of an interface with tbf (this kernel has no netem)."""
+    burst = max(int(rate_mbit * 1_000_000 / 8 / 250), 4 * 1514)
+    ns.ip("link", "set", ifname, "txqueuelen", "1000")
+    _run(
+        [
+            "tc", "-n", ns.name, "qdisc", "replace", "dev", ifname, "root", "tbf",
+            "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", f"{latency_ms}ms",
+        ]
+    )
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01,
+             what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy, or raise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def lab(tag: str = "lab") -> Iterator[Lab]:
+    with Lab(tag) as made:
+        yield made
+
+
+class TwoPaths:
+    """A client and a server namespace joined by two links (two paths).
+
+    path 0: client ``ifnames[0]`` 192.0.2.1/24, 2001:db8:1::1/64  <->  server 192.0.2.2, 2001:db8:1::2
+    path 1: client ``ifnames[1]`` 198.51.100.1/24, 2001:db8:2::1/64 <-> server 198.51.100.2, 2001:db8:2::2
+    The client has a default route per path (path 0 preferred), as DHCP would give.
+    """
+
+    V4 = (("192.0.2.1", "192.0.2.2"), ("198.51.100.1", "198.51.100.2"))
+    V6 = (("2001:db8:1::1", "2001:db8:1::2"), ("2001:db8:2::1", "2001:db8:2::2"))
+
+    def __init__(
+        self,
+        lab: Lab,
+        ifnames: tuple[str, str] = ("eth0", "eth1"),
+        *,
+        server_ifnames: tuple[str, str] = ("srv0", "srv1"),
+        addresses: bool = True,
+        default_routes: bool = True,
+    ) -> None:
+        self.lab = lab
+        self.client = lab.netns("client")
+        self.server = lab.netns("server")
+        self.ifnames = ifnames
+        self.server_ifnames = server_ifnames
+        for c_if, s_if in zip(ifnames, server_ifnames, strict=True):
+            lab.veth(self.client, c_if, self.server, s_if)
+        if addresses:
+            for i in range(2):
+                self.add_client_addresses(i)
+                (_, s4), (_, s6) = self.V4[i], self.V6[i]
+                self.server.ip("addr", "add", f"{s4}/24", "dev", server_ifnames[i])
+                self.server.ip("addr", "add", f"{s6}/64", "dev", server_ifnames[i], "nodad")
+        if default_routes and addresses:
+            for i in range(2):
+                self.add_default_routes(i)
+
+    def add_client_addresses(self, path: int) -> None:
+        (c4, _), (c6, _) = self.V4[path], self.V6[path]
+        self.client.ip("addr", "add", f"{c4}/24", "dev", self.ifnames[path])
+        self.client.ip("addr", "add", f"{c6}/64", "dev", self.ifnames[path], "nodad")
+
+    def add_default_routes(self, path: int) -> None:
+        (_, s4), (_, s6) = self.V4[path], self.V6[path]
+        metric = str(100 * (path + 1))
+        self.client.ip("route", "add", "default", "via", s4, "dev", self.ifnames[path],
+                       "metric", metric)
+        self.client.ip("-6", "route", "add", "default", "via", s6, "dev", self.ifnames[path],
+                       "metric", metric)
+
+    def server_addr(self, path: int, version: int = 4) -> str:
+        return (self.V4 if version == 4 else self.V6)[path][1]
+
+    def client_addr(self, path: int, version: int = 4) -> str:
+        return (self.V4 if version == 4 else self.V6)[path][0]
+
+
+class MptcpPair:
+    """One established MPTCP connection between two namespaces (blocking sockets)."""
+
+    def __init__(self, client: socket.socket, server: socket.socket, listener: socket.socket):
+        self.client = client
+        self.server = server
+        self.listener = listener
+
+    def close(self) -> None:
+        for s in (self.client, self.server, self.listener):
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def mptcp_listen(ns: Netns, addr: str, port: int = 0, backlog: int = 4096) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = ns.socket(family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((addr, port))
+    sock.listen(backlog)
+    return sock
+
+
+def mptcp_connect(
+    client_ns: Netns,
+    listener: socket.socket,
+    *,
+    source: str | None = None,
+    timeout: float = 5.0,
+) -> MptcpPair:
+    """Connect to ``listener`` from ``client_ns`` and accept: both ends, established."""
+    host, port = listener.getsockname()[:2]
+    sock = client_ns.socket(listener.family)
+    sock.settimeout(timeout)
+    if source:
+        sock.bind((source, 0))
+    sock.connect((host, port))
+    listener.settimeout(timeout)
+    conn, _ = listener.accept()
+    conn.settimeout(timeout)
+    return MptcpPair(sock, conn, listener)

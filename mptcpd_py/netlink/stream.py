@@ -1,0 +1,91 @@
+"""A bounded async event stream that turns loss into an explicit ResyncNeeded.
+
+The kernel reports a full socket buffer as ENOBUFS; a consumer that falls
+behind fills this queue. Both mean the same to the daemon: some events are
+gone, so the state must be re-read from dumps. Neither ends the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Generic, TypeVar
+
+from mptcpd_py.netlink.types import ResyncNeeded
+
+T = TypeVar("T")
+
+DEFAULT_MAX_QUEUED = 100_000
+
+
+class EventStream(Generic[T]):
+    """Async iterator of ``T | ResyncNeeded``; never raises because of loss."""
+
+    def __init__(self, source: str, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+        self.source = source
+        self.max_queued = max_queued
+        self.dropped = 0
+        self.resyncs = 0
+        self._items: deque[T | ResyncNeeded] = deque()
+        self._lost_reason = ""
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def push(self, item: T) -> None:
+        if len(self._items) >= self.max_queued:
+            self.dropped += 1
+            self._lost_reason = self._lost_reason or "event queue full"
+            return
+        if self._lost_reason:
+            self._append_resync(self._lost_reason)
+            self._lost_reason = ""
+        self._items.append(item)
+        self._wake()
+
+    def overflow(self, reason: str = "ENOBUFS") -> None:
+        """The kernel dropped messages: tell the consumer at this point in order."""
+        self._lost_reason = ""
+        self._append_resync(reason)
+        self._wake()
+
+    def _append_resync(self, reason: str) -> None:
+        if self._items and isinstance(self._items[-1], ResyncNeeded):
+            return  # consecutive losses collapse into one resync
+        self.resyncs += 1
+        self._items.append(ResyncNeeded(self.source, reason))
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def get_nowait(self) -> T | ResyncNeeded | None:
+        if self._items:
+            return self._items.popleft()
+        if self._lost_reason:
+            reason, self._lost_reason = self._lost_reason, ""
+            self.resyncs += 1
+            return ResyncNeeded(self.source, reason)
+        return None
+
+    def __aiter__(self) -> EventStream[T]:
+        return self
+
+    async def __anext__(self) -> T | ResyncNeeded:
+        while True:
+            item = self.get_nowait()
+            if item is not None:
+                return item
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
