@@ -7,6 +7,7 @@ wrong; the CLI prints ``str(exc)`` and never a traceback (except at debug).
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 
 
 class MptcpdError(Exception):
@@ -52,7 +53,10 @@ class KernelError(MptcpdError):
         self.errno = code
         self.detail = detail
         self.command = command
-        text = self.summary
+        # The summaries speak of endpoints; other commands get the plain errno text.
+        endpointish = not command or "endpoint" in command or type(self) in (
+            KernelError, PermissionDenied, MptcpDisabled, InvalidArgument)
+        text = self.summary if endpointish else _os.strerror(code).lower()
         if command:
             text = f"{command}: {text}"
         reason = detail or _errno.errorcode.get(code, str(code))

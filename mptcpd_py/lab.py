@@ -136,6 +136,10 @@ class Lab:
         ns = Netns(name)
         self.namespaces.append(ns)
         ns.ip("link", "set", "lo", "up")
+        # No duplicate address detection: tentative link-local addresses
+        # would delay IPv6 neighbour discovery by about two seconds.
+        for scope in ("all", "default"):
+            ns.sysctl(f"net.ipv6.conf.{scope}.accept_dad", 0)
         return ns
 
     def veth(self, a: Netns, name_a: str, b: Netns, name_b: str, *, up: bool = True) -> None:
@@ -200,8 +204,10 @@ def lab(tag: str = "lab") -> Iterator[Lab]:
 class TwoPaths:
     """A client and a server namespace joined by two links (two paths).
 
-    path 0: client ``ifnames[0]`` 192.0.2.1/24, 2001:db8:1::1/64  <->  server 192.0.2.2, 2001:db8:1::2
-    path 1: client ``ifnames[1]`` 198.51.100.1/24, 2001:db8:2::1/64 <-> server 198.51.100.2, 2001:db8:2::2
+    path 0: client ``ifnames[0]`` 192.0.2.1/24, 2001:db8:1::1/64
+            <-> server 192.0.2.2, 2001:db8:1::2
+    path 1: client ``ifnames[1]`` 198.51.100.1/24, 2001:db8:2::1/64
+            <-> server 198.51.100.2, 2001:db8:2::2
     The client has a default route per path (path 0 preferred), as DHCP would give.
     """
 
@@ -281,11 +287,14 @@ def mptcp_connect(
     client_ns: Netns,
     listener: socket.socket,
     *,
+    address: str | None = None,
     source: str | None = None,
     timeout: float = 5.0,
 ) -> MptcpPair:
-    """Connect to ``listener`` from ``client_ns`` and accept: both ends, established."""
+    """Connect to ``listener`` (at ``address`` when it listens on a wildcard)
+    from ``client_ns`` and accept: both ends, established."""
     host, port = listener.getsockname()[:2]
+    host = address or host
     sock = client_ns.socket(listener.family)
     sock.settimeout(timeout)
     if source:
@@ -295,3 +304,157 @@ def mptcp_connect(
     conn, _ = listener.accept()
     conn.settimeout(timeout)
     return MptcpPair(sock, conn, listener)
+
+
+class DaemonProcess:
+    """``mptcpd-py run`` as a child process inside a namespace, with a
+    NOTIFY_SOCKET this object owns (as systemd would), JSON logs in a file."""
+
+    def __init__(self, ns: Netns, workdir: str, config_text: str = "", *,
+                 config_path: str | None = None, env: dict[str, str] | None = None,
+                 args: Sequence[str] = ()) -> None:
+        import sys  # noqa: PLC0415
+
+        self.ns = ns
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.config_path = config_path or os.path.join(workdir, "mptcpd.toml")
+        if config_text or config_path is None:
+            with open(self.config_path, "w") as f:
+                f.write(config_text)
+        self.log_path = os.path.join(workdir, "daemon.log")
+        self.notify_path = os.path.join(workdir, "notify.sock")
+        self.env = env or {}
+        self.args = list(args)
+        self.python = sys.executable
+        self.proc: subprocess.Popen[Any] | None = None
+        self.messages: list[str] = []
+        self._notify: socket.socket | None = None
+        self._log_file: Any = None
+        self.started_at = 0.0
+
+    def write_config(self, text: str) -> None:
+        with open(self.config_path, "w") as f:
+            f.write(text)
+
+    def start(self, *, wait_ready: bool = True, timeout: float = 20.0) -> DaemonProcess:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.notify_path)
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(self.notify_path)
+        self.messages = []
+        self._log_file = open(self.log_path, "a")  # noqa: SIM115
+        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, **self.env}
+        env.pop("JOURNAL_STREAM", None)
+        cmd = [self.python, "-m", "mptcpd_py", "run", "-c", self.config_path,
+               "--log-format", "json", *self.args]
+        self.started_at = time.monotonic()
+        self.proc = self.ns.popen(cmd, stdout=self._log_file, stderr=self._log_file, env=env,
+                                  stdin=subprocess.DEVNULL)
+        if wait_ready:
+            self.wait_notify("READY=1", timeout)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def poll_notify(self) -> None:
+        assert self._notify is not None
+        self._notify.setblocking(False)
+        while True:
+            try:
+                data = self._notify.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            self.messages.extend(data.decode().splitlines())
+
+    def wait_notify(self, wanted: str, timeout: float = 20.0, *, after: int = 0) -> float:
+        """Wait for a notify line (e.g. READY=1); returns seconds since start."""
+        assert self._notify is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll_notify()
+            if any(m == wanted or m.startswith(wanted) for m in self.messages[after:]):
+                return time.monotonic() - self.started_at
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabError(f"daemon exited with {self.proc.returncode} before {wanted}:\n"
+                               + self.log_text()[-3000:])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {wanted} within {timeout}s:\n" + self.log_text()[-3000:])
+            self._notify.settimeout(max(0.001, min(0.1, deadline - time.monotonic())))
+            self._notify.setblocking(True)
+            try:
+                data = self._notify.recv(65536)
+                self.messages.extend(data.decode().splitlines())
+            except (TimeoutError, BlockingIOError):
+                pass
+
+    def send(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        self.close()
+        return code
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.close()
+
+    def close(self) -> None:
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text().splitlines():
+            with contextlib.suppress(ValueError):
+                item = json.loads(line)
+                if isinstance(item, dict):
+                    out.append(item)
+        return out
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [e for e in self.logs() if e.get("level") in ("error", "critical")]
+
+    def wait_log(self, event: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            for item in self.logs():
+                if item.get("event") == event and all(
+                        str(item.get(k)) == str(v) for k, v in fields.items()):
+                    return item
+            return None
+        found: dict[str, Any] = wait_for(find, timeout, 0.02, what=f"log event {event!r}")
+        return found
+
+
+def daemon_config(state_dir: str, *, plugins: Sequence[str] = ("addr_adv", "backup_cellular"),
+                  plugin_dirs: Sequence[str] = (), extra: str = "", **daemon: Any) -> str:
+    """A config for tests and the demo: state in ``state_dir``, no system paths."""
+    lines = ["[daemon]", f'state_dir = "{state_dir}"',
+             "plugin_dirs = [" + ", ".join(f'"{d}"' for d in plugin_dirs) + "]",
+             "plugins = [" + ", ".join(f'"{p}"' for p in plugins) + "]"]
+    for key, value in daemon.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n" + extra

@@ -52,3 +52,23 @@ def two_paths(lab: Lab) -> TwoPaths:
     """two_paths: client + server namespaces joined by two addressed links
     (see :class:`mptcpd_py.lab.TwoPaths`); depends on ``lab``."""
     return TwoPaths(lab)
+
+
+@pytest.fixture
+def daemons(tmp_path):  # type: ignore[no-untyped-def]
+    """daemons: factory of DaemonProcess(ns, config) with a work dir under
+    tmp_path; function scope; every daemon still running is killed at teardown."""
+    from mptcpd_py.lab import DaemonProcess
+
+    made: list[DaemonProcess] = []
+
+    def make(ns, config_text="", name="d", **kwargs):  # type: ignore[no-untyped-def]
+        proc = DaemonProcess(ns, str(tmp_path / name), config_text, **kwargs)
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.kill()
+        proc.close()

@@ -47,7 +47,7 @@ GROUP_EVENTS = "mptcp_pm_events"
 GROUP_CMDS = "mptcp_pm_cmds"
 
 
-class mptcp_pm_msg(genlmsg):  # type: ignore[misc]
+class mptcp_pm_msg(genlmsg):
     """Requests and replies of the ``mptcp_pm`` commands."""
 
     prefix = "MPTCP_PM_ATTR_"
@@ -61,7 +61,7 @@ class mptcp_pm_msg(genlmsg):  # type: ignore[misc]
         ("MPTCP_PM_ATTR_ADDR_REMOTE", "pm_addr"),
     )
 
-    class pm_addr(nla):  # type: ignore[misc]
+    class pm_addr(nla):
         prefix = "MPTCP_PM_ADDR_ATTR_"
         nla_map = (
             ("MPTCP_PM_ADDR_ATTR_UNSPEC", "none"),
@@ -75,7 +75,7 @@ class mptcp_pm_msg(genlmsg):  # type: ignore[misc]
         )
 
 
-class mptcp_event_msg(genlmsg):  # type: ignore[misc]
+class mptcp_event_msg(genlmsg):
     """Multicast messages of the ``mptcp_pm_events`` group."""
 
     prefix = "MPTCP_ATTR_"

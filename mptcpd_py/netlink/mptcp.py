@@ -86,7 +86,7 @@ def _addr_attrs(
     ifindex: int = 0,
     port: int = 0,
 ) -> dict[str, Any]:
-    attrs: list[tuple[str, Any]] = []
+    attrs: list[tuple[Any, ...]] = []
     if address is not None:
         attrs.append(("MPTCP_PM_ADDR_ATTR_FAMILY", family_of(address)))
         if address.version == 4:
@@ -138,7 +138,7 @@ class MptcpPM:
         self.sock.close()
 
     async def _call(
-        self, cmd: int, attrs: Iterable[tuple[str, Any]] = (), dump: bool = False
+        self, cmd: int, attrs: Iterable[tuple[Any, ...]] = (), dump: bool = False
     ) -> list[Any]:
         msg = m.mptcp_pm_msg()
         msg["cmd"] = cmd
@@ -182,7 +182,7 @@ class MptcpPM:
         await self._call(m.CMD_DEL_ADDR, [("MPTCP_PM_ATTR_ADDR", addr, m.NLA_F_NESTED)])
 
     async def get_endpoint(self, id: int, token: int | None = None) -> Endpoint:
-        attrs: list[tuple[str, Any]] = [
+        attrs: list[tuple[Any, ...]] = [
             ("MPTCP_PM_ATTR_ADDR", _addr_attrs(id=id), m.NLA_F_NESTED)
         ]
         if token is not None:
@@ -194,7 +194,7 @@ class MptcpPM:
 
     async def endpoints(self, token: int | None = None) -> list[Endpoint]:
         """All in-kernel endpoints, or a userspace-PM connection's local addresses."""
-        attrs: list[tuple[str, Any]] = []
+        attrs: list[tuple[Any, ...]] = []
         if token is not None:
             attrs.append(("MPTCP_PM_ATTR_TOKEN", token))
         replies = await self._call(m.CMD_GET_ADDR, attrs, dump=True)
@@ -228,7 +228,7 @@ class MptcpPM:
     async def set_limits(
         self, subflows: int | None = None, add_addr_accepted: int | None = None
     ) -> None:
-        attrs: list[tuple[str, Any]] = []
+        attrs: list[tuple[Any, ...]] = []
         if add_addr_accepted is not None:
             attrs.append(("MPTCP_PM_ATTR_RCV_ADD_ADDRS", add_addr_accepted))
         if subflows is not None:

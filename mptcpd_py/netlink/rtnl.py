@@ -90,6 +90,8 @@ def decode_address(data: bytes) -> IfAddress:
     msg.decode()
     attrs = _attrs(msg)
     raw = attrs.get("IFA_LOCAL") or attrs.get("IFA_ADDRESS")
+    if raw is None:
+        raise ValueError("address message without IFA_LOCAL / IFA_ADDRESS")
     flags = attrs.get("IFA_FLAGS", msg["flags"])
     return IfAddress(
         index=int(msg["index"]),

@@ -10,6 +10,7 @@ its reader).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 import struct
@@ -144,10 +145,8 @@ class NetlinkSocket:
             self._set_rcvbuf(sock, rcvbuf)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
             for opt in (NETLINK_EXT_ACK, NETLINK_CAP_ACK):
-                try:
+                with contextlib.suppress(OSError):  # old kernels: plain acks
                     sock.setsockopt(SOL_NETLINK, opt, 1)
-                except OSError:
-                    pass
             sock.bind((0, 0))
         except BaseException:
             sock.close()
@@ -162,6 +161,7 @@ class NetlinkSocket:
         self._pending: dict[int, _Pending] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._dump_lock = asyncio.Lock()  # the kernel runs one dump per socket (EBUSY)
 
     @staticmethod
     def _set_rcvbuf(sock: socket.socket, size: int) -> None:
@@ -221,6 +221,13 @@ class NetlinkSocket:
 
         Raises the matching :class:`~mptcpd_py.errors.KernelError` on a refusal.
         """
+        if flags & NLM_F_DUMP == NLM_F_DUMP:
+            async with self._dump_lock:
+                return await self._request(msg, msg_type, flags, command)
+        return await self._request(msg, msg_type, flags, command)
+
+    async def _request(self, msg: Any, msg_type: int, flags: int, command: str
+                       ) -> list[RawMessage]:
         if self._closed:
             raise NetlinkError("netlink socket closed")
         self.start()
@@ -247,7 +254,7 @@ class NetlinkSocket:
     def _on_readable(self) -> None:
         for _ in range(_MAX_DATAGRAMS_PER_WAKEUP):
             try:
-                data = self.sock.recv(_RECV_SIZE)
+                data, (_, groups) = self.sock.recvfrom(_RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -259,15 +266,20 @@ class NetlinkSocket:
                 raise
             if not data:
                 return
+            if groups:
+                # Multicast. A notification caused by someone's request carries
+                # that request's seq and port, so seq says nothing here.
+                if self.on_multicast is not None:
+                    for message in split_messages(data):
+                        self.on_multicast(message)
+                continue
             for message in split_messages(data):
                 self._dispatch(message)
 
     def _dispatch(self, message: RawMessage) -> None:
-        if message.seq == 0 or message.seq not in self._pending:
-            if message.seq == 0 and self.on_multicast is not None:
-                self.on_multicast(message)
+        pending = self._pending.get(message.seq)
+        if pending is None:
             return
-        pending = self._pending[message.seq]
         if pending.future.done():
             return
         if message.type == NLMSG_ERROR:
@@ -279,7 +291,9 @@ class NetlinkSocket:
             return
         if message.type == NLMSG_DONE:
             if message.flags & NLM_F_DUMP_INTR:
-                pending.future.set_exception(DumpInterrupted(f"{pending.command}: dump interrupted"))
+                pending.future.set_exception(
+                    DumpInterrupted(f"{pending.command}: dump interrupted")
+                )
                 return
             if len(message.data) >= _HEADER.size + 4:
                 (code,) = struct.unpack_from("=i", message.data, _HEADER.size)

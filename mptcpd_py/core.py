@@ -1,0 +1,521 @@
+"""The core: one event loop that turns kernel events into plugin calls and
+plugin intents into kernel writes.
+
+- rtnetlink events update the network model; a change marks the endpoints
+  dirty and one reconciler pass brings the kernel to what the plugins want;
+- MPTCP events go to the userspace path manager's connection table and to
+  the plugins' per-connection hooks;
+- "resync needed" (a netlink overflow), a reload and every
+  ``reconcile_interval`` re-read the kernel and reconcile in full;
+- kernel commands are serialised: one pass at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from mptcpd_py.config import Config
+from mptcpd_py.connections import ConnectionTable
+from mptcpd_py.endpoints import EndpointReconciler, Operation
+from mptcpd_py.errors import KernelError
+from mptcpd_py.kernel_settings import apply_kernel_settings, restore_kernel_settings
+from mptcpd_py.loader import Available
+from mptcpd_py.logging import get_logger
+from mptcpd_py.model import NetworkModel, NetworkSnapshot
+from mptcpd_py.netlink.diag import SockDiag
+from mptcpd_py.netlink.mptcp import MptcpEvents, MptcpPM
+from mptcpd_py.netlink.probe import probe_capabilities
+from mptcpd_py.netlink.rtnl import Rtnl, RtnlEvents
+from mptcpd_py.netlink.types import (
+    CHANGEABLE_FLAGS,
+    AddressEvent,
+    Capabilities,
+    EndpointFlags,
+    LinkEvent,
+    ResyncNeeded,
+    RouteEvent,
+    RtnlEvent,
+)
+from mptcpd_py.plugin import EndpointIntent, PluginState
+from mptcpd_py.plugins_host import FAILED, PluginHost
+from mptcpd_py.routing import SourceRouting, desired_routes
+from mptcpd_py.state import OwnedEndpoint, StateStore
+
+
+@dataclass
+class Stats:
+    """Counters read by `ctl status` and the Prometheus exporter."""
+
+    started: float = field(default_factory=time.time)
+    events: Counter[str] = field(default_factory=Counter)
+    errors_by_errno: Counter[str] = field(default_factory=Counter)
+    resyncs: Counter[str] = field(default_factory=Counter)
+    plugin_failures: Counter[str] = field(default_factory=Counter)
+    reconciles: int = 0
+    last_resync: float = 0.0
+    last_error: str = ""
+    last_error_time: float = 0.0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+
+class Monitor:
+    """Fan-out of live events and decisions to `ctl monitor` subscribers."""
+
+    def __init__(self) -> None:
+        self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+
+    def publish(self, kind: str, **fields: Any) -> None:
+        if not self.subscribers:
+            return
+        item = {"time": time.time(), "kind": kind, **fields}
+        for queue in list(self.subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(item)
+
+    def subscribe(self, maxsize: int = 10_000) -> asyncio.Queue[dict[str, Any]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize)
+        self.subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self.subscribers.discard(queue)
+
+
+class Core:
+    def __init__(self, config: Config, available: dict[str, Available], *,
+                 netns: str | None = None, log: Any = None,
+                 rtnl_rcvbuf: int = 16 << 20, mptcp_rcvbuf: int = 16 << 20) -> None:
+        self.config = config
+        self.available = available
+        self.netns = netns
+        self.log = log or get_logger()
+        self.stats = Stats()
+        self.monitor = Monitor()
+        self.store = StateStore(config.daemon.state_dir)
+        self.model = NetworkModel(config.network)
+        self.host = PluginHost(config.daemon.plugin_timeout, config.daemon.plugin_max_failures,
+                               self.log, on_failure=self._plugin_failed)
+        self.rtnl_rcvbuf = rtnl_rcvbuf
+        self.mptcp_rcvbuf = mptcp_rcvbuf
+        self.caps: Capabilities | None = None
+        self.pm: MptcpPM | None = None
+        self.rtnl: Rtnl | None = None
+        self.rtnl_events: RtnlEvents | None = None
+        self.mptcp_events: MptcpEvents | None = None
+        self.reconciler: EndpointReconciler | None = None
+        self.routing: SourceRouting | None = None
+        self.connections = ConnectionTable()
+        self.userspace: Any = None  # mptcpd_py.userspace.UserspacePM in userspace mode
+        self.desired: list[EndpointIntent] = []
+        self.heartbeat: Callable[[], None] = lambda: None
+        self.on_status: Callable[[str], None] = lambda text: None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._wakeup = asyncio.Event()
+        self._full_requested = False
+        self._reasons: list[str] = []
+        self._pass_lock = asyncio.Lock()
+        self._first_pass = asyncio.Event()
+        self._pass_done = asyncio.Condition()
+        self._passes = 0
+        self._dirty_since = 0.0
+        self._stopping = False
+        self.watchdog_interval = 0.0
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        """config -> netlink (groups joined before the first dump) -> kernel
+        settings -> state -> first full reconcile -> event loops."""
+        cfg = self.config
+        problem = self.store.load() and self.store.problem
+        if problem:
+            self.log.warning("state file reset", error=problem)
+        self.pm = await MptcpPM.open(self.netns)
+        self.rtnl_events = RtnlEvents.open(self.netns, rcvbuf=self.rtnl_rcvbuf)
+        self.mptcp_events = await MptcpEvents.open(self.netns, rcvbuf=self.mptcp_rcvbuf)
+        self.rtnl = Rtnl.open(self.netns)
+        self.caps = await probe_capabilities(self.pm)
+        self.log.info("kernel probed", path_manager=self.caps.path_manager,
+                      mptcp_enabled=self.caps.mptcp_enabled,
+                      kept_flags=str(self.caps.kept_flags))
+        await apply_kernel_settings(cfg.kernel, self.caps, self.pm, self.store, self.log)
+        self.caps = replace(self.caps, path_manager=cfg.kernel.path_manager,
+                            mptcp_enabled=self.caps.mptcp_enabled or cfg.kernel.enable_mptcp)
+        self._instantiate_plugins(cfg, self.available)
+        self.reconciler = EndpointReconciler(
+            self.pm, self.store, self.log, kept_flags=self.caps.kept_flags,
+            on_operation=self._on_operation, ifname_of=self._ifname,
+        )
+        self.routing = SourceRouting(self.rtnl, self.store, self.log)
+        if cfg.kernel.path_manager == "userspace":
+            from mptcpd_py.userspace import UserspacePM  # noqa: PLC0415
+
+            self.userspace = UserspacePM(self)
+        await self._load_network(initial=True)
+        await self._reconcile_pass(full=True, reasons=["start"])
+        if self.userspace is not None:
+            await self.userspace.start()
+        self._tasks = [
+            asyncio.create_task(self._rtnl_loop(), name="rtnl-events"),
+            asyncio.create_task(self._mptcp_loop(), name="mptcp-events"),
+            asyncio.create_task(self._reconcile_loop(), name="reconciler"),
+        ]
+
+    def _instantiate_plugins(self, cfg: Config, available: dict[str, Available]) -> None:
+        problems = self.host.instantiate(
+            cfg.daemon.plugins, available, cfg.plugin_config,
+            lambda name: self.log.bind(plugin=name),
+        )
+        for problem in problems:
+            self.log.error("plugin not started", error=problem)
+        for state in self.host.states:
+            self.log.info("plugin enabled", plugin=state.name, origin=state.origin,
+                          hooks=",".join(state.hooks) or "-")
+
+    async def _load_network(self, initial: bool = False) -> None:
+        assert self.rtnl is not None
+        links, addresses, routes = await asyncio.gather(
+            self.rtnl.links(), self.rtnl.addresses(), self.rtnl.routes()
+        )
+        self.model.load(links, addresses, routes, initial=initial)
+
+    def _ifname(self, index: int) -> str:
+        link = self.model.links.get(index)
+        return link.name if link else ""
+
+    # ------------------------------------------------------------------ events
+
+    async def _rtnl_loop(self) -> None:
+        assert self.rtnl_events is not None
+        async for event in self.rtnl_events:
+            try:
+                if isinstance(event, ResyncNeeded):
+                    self.stats.resyncs["rtnetlink"] += 1
+                    self.log.warning("rtnetlink events lost; re-reading the network",
+                                     reason=event.reason)
+                    self.monitor.publish("resync", source="rtnetlink", reason=event.reason)
+                    await self._load_network()
+                    self.request_reconcile("rtnetlink overflow", full=True)
+                    continue
+                self.stats.events[_rtnl_kind(event)] += 1
+                if self.model.apply(event):
+                    self._publish_rtnl(event)
+                    self.request_reconcile(_describe(event))
+            except KernelError as exc:
+                self._record_error(exc)
+                self.log.error("network re-read failed", error=str(exc))
+
+    async def _mptcp_loop(self) -> None:
+        assert self.mptcp_events is not None
+        async for event in self.mptcp_events:
+            if isinstance(event, ResyncNeeded):
+                self.stats.resyncs["mptcp_pm_events"] += 1
+                self.log.warning("MPTCP events lost; resyncing", reason=event.reason)
+                self.monitor.publish("resync", source="mptcp_pm_events", reason=event.reason)
+                if self.userspace is not None:
+                    await self.userspace.resync()
+                else:
+                    await self._rebuild_connections()
+                continue
+            kind = event.type.name.lower() if hasattr(event.type, "name") else str(event.type)
+            self.stats.events[f"mptcp_{kind}"] += 1
+            self.monitor.publish("mptcp", event=kind, **_event_fields(event))
+            if self.userspace is None:
+                self.connections.apply(event)
+                continue
+            started = time.perf_counter()
+            try:
+                await self.userspace.handle(event)
+            except Exception as exc:  # never let one event end the loop
+                self._record_error(exc)
+                self.log.error("MPTCP event handling failed", event=kind, error=str(exc),
+                               exc_info=exc)
+            self.stats.latencies.append(time.perf_counter() - started)
+
+    async def _rebuild_connections(self) -> None:
+        diag = SockDiag(self.netns)
+        try:
+            subflows = await diag.subflows()
+            listeners = await diag.mptcp_listeners()
+        except KernelError as exc:
+            self.log.error("connection table resync failed", error=str(exc))
+            return
+        finally:
+            diag.close()
+        self.connections.listeners = set(listeners)
+        self.connections.rebuild(subflows, {port for _, port in listeners})
+
+    def _publish_rtnl(self, event: RtnlEvent) -> None:
+        if isinstance(event, AddressEvent):
+            self.monitor.publish("address", action="removed" if event.removed else "added",
+                                 addr=str(event.address.address),
+                                 ifname=self._ifname(event.address.index))
+        elif isinstance(event, LinkEvent):
+            self.monitor.publish("link", action="removed" if event.removed else "changed",
+                                 ifname=event.link.name, up=event.link.up,
+                                 running=event.link.running)
+        elif isinstance(event, RouteEvent):
+            self.monitor.publish("route", action="removed" if event.removed else "added",
+                                 dst=str(event.route.dst), gateway=str(event.route.gateway),
+                                 ifname=self._ifname(event.route.oif))
+
+    def request_reconcile(self, reason: str, full: bool = False) -> None:
+        if not self._wakeup.is_set():
+            self._dirty_since = time.perf_counter()
+        self._reasons.append(reason)
+        self._full_requested |= full
+        self._wakeup.set()
+
+    async def reconcile_now(self, reason: str, full: bool = True) -> None:
+        """Request a pass and wait until one that includes it has finished."""
+        target = self._passes + (2 if self._pass_lock.locked() else 1)
+        self.request_reconcile(reason, full=full)
+        async with self._pass_done:
+            await self._pass_done.wait_for(lambda: self._passes >= target)
+
+    async def _reconcile_loop(self) -> None:
+        interval = self.config.daemon.reconcile_interval
+        next_full = time.monotonic() + interval
+        while not self._stopping:
+            timeout = next_full - time.monotonic()
+            if self.watchdog_interval:
+                timeout = min(timeout, self.watchdog_interval)
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), max(timeout, 0.0))
+            except TimeoutError:
+                pass
+            self.heartbeat()
+            if time.monotonic() >= next_full:
+                self.request_reconcile("periodic resync", full=True)
+            if not self._wakeup.is_set():
+                continue
+            self._wakeup.clear()
+            full, self._full_requested = self._full_requested, False
+            reasons, self._reasons = self._reasons, []
+            dirty_since = self._dirty_since
+            try:
+                await self._reconcile_pass(full=full, reasons=reasons)
+            except KernelError as exc:
+                self._record_error(exc)
+                self.log.error("reconcile failed", error=str(exc))
+            if dirty_since:
+                self.stats.latencies.append(time.perf_counter() - dirty_since)
+            if full:
+                interval = self.config.daemon.reconcile_interval
+                next_full = time.monotonic() + interval
+
+    # ------------------------------------------------------------------ reconcile
+
+    async def compute_desired(self, net: NetworkSnapshot) -> list[EndpointIntent]:
+        """Run the plugins' ``endpoints`` pipeline; a failing plugin's output
+        is dropped and the pipeline goes on with what came before it."""
+        proposed: tuple[EndpointIntent, ...] = ()
+        for state in self.host.implementing("endpoints"):
+            result = await self.host.call(state, "endpoints", net, proposed, materialize=True)
+            if result is FAILED:
+                continue
+            checked = self._validate_intents(state, result, net)
+            if checked is not None:
+                proposed = checked
+        return list(proposed)
+
+    def _validate_intents(self, state: PluginState, result: Any, net: NetworkSnapshot
+                          ) -> tuple[EndpointIntent, ...] | None:
+        if result is None:
+            self.host.fail(state, "endpoints", "hook endpoints returned None (return a list)")
+            return None
+        addresses = {(a.address, a.index) for a in net.addresses}
+        known = {a.address for a in net.addresses}
+        out = []
+        assert self.caps is not None
+        for item in result:
+            problem = ""
+            if not isinstance(item, EndpointIntent):
+                problem = f"returned {type(item).__name__}, not EndpointIntent"
+            elif item.address not in known:
+                problem = f"endpoint {item.address}: not an address of this host"
+            elif item.ifindex and (item.address, item.ifindex) not in addresses:
+                problem = f"endpoint {item.address}: not on interface index {item.ifindex}"
+            elif not isinstance(item.flags, int) or item.flags < 0 or item.flags >= 64:
+                problem = f"endpoint {item.address}: invalid flags {item.flags!r}"
+            elif EndpointFlags.SIGNAL in EndpointFlags(item.flags) and \
+                    EndpointFlags.FULLMESH in EndpointFlags(item.flags):
+                problem = f"endpoint {item.address}: signal and fullmesh cannot be combined"
+            elif not isinstance(item.port, int) or not 0 <= item.port < 65536:
+                problem = f"endpoint {item.address}: invalid port {item.port!r}"
+            if problem:
+                self.host.fail(state, "endpoints", f"invalid result: {problem}")
+                return None
+            assert isinstance(item, EndpointIntent)
+            out.append(item if item.plugin else replace(item, plugin=state.name,
+                                                        flags=EndpointFlags(item.flags)))
+        return tuple(out)
+
+    async def _reconcile_pass(self, *, full: bool, reasons: list[str]) -> None:
+        async with self._pass_lock:
+            assert self.reconciler is not None and self.routing is not None
+            net = self.model.snapshot()
+            desired = await self.compute_desired(net) if self.config.kernel.path_manager == \
+                "kernel" else []
+            self.desired = desired
+            if full:
+                self.stats.last_resync = time.time()
+                self.stats.resyncs["full"] += 1
+            result = await self.reconciler.reconcile(desired, full=full)
+            await self.routing.reconcile(self._desired_routes(net), verify=full)
+            if self.userspace is not None and reasons and reasons != ["start"]:
+                await self.userspace.network_changed(net)
+            self.stats.reconciles += 1
+            for _op, error in result.failed:
+                self.stats.errors_by_errno[_errno_name(error.errno)] += 1
+            plan = result.plan
+            if plan.waiting:
+                for intent in plan.waiting:
+                    self.log.info("endpoint waiting for a slot", addr=str(intent.address),
+                                  ifname=self._ifname(intent.ifindex), plugin=intent.plugin)
+            self._first_pass.set()
+            self.on_status(self.status_line())
+        async with self._pass_done:
+            self._passes += 1
+            self._pass_done.notify_all()
+
+    def _desired_routes(self, net: NetworkSnapshot) -> dict[Any, Any]:
+        """Source routes for our endpoints (kernel PM), or for every eligible
+        address (userspace PM: subflows may start from any of them)."""
+        assert self.reconciler is not None
+        if self.config.kernel.path_manager == "kernel":
+            sources = list(self.reconciler.owned.values())
+        else:
+            sources = [OwnedEndpoint(0, c.address.address, 0, EndpointFlags.NONE,
+                                     c.interface.index) for c in net.eligible]
+        return desired_routes(sources, net, self.config.routing)
+
+    def _on_operation(self, op: Operation, error: str | None) -> None:
+        rec = op.endpoint
+        self.monitor.publish(
+            "endpoint", action=op.kind, addr=str(rec.address), endpoint_id=rec.id,
+            flags=str(rec.flags), ifname=self._ifname(rec.ifindex), plugin=rec.plugin,
+            reason=op.reason, error=error,
+        )
+        if error:
+            self.stats.last_error = f"{op.kind} {rec.address}: {error}"
+            self.stats.last_error_time = time.time()
+
+    def _plugin_failed(self, state: PluginState, message: str) -> None:
+        self.stats.plugin_failures[state.name] += 1
+        self.stats.last_error = f"plugin {state.name}: {message}"
+        self.stats.last_error_time = time.time()
+        self.monitor.publish("plugin", plugin=state.name, action="failed", error=message,
+                             enabled=state.enabled)
+
+    def _record_error(self, exc: BaseException) -> None:
+        self.stats.last_error = str(exc)
+        self.stats.last_error_time = time.time()
+        if isinstance(exc, KernelError):
+            self.stats.errors_by_errno[_errno_name(exc.errno)] += 1
+
+    def status_line(self) -> str:
+        owned = len(self.reconciler.owned) if self.reconciler else 0
+        waiting = len(self.reconciler.last_plan.waiting) if self.reconciler else 0
+        text = f"{owned} endpoints owned"
+        if waiting:
+            text += f", {waiting} waiting for a slot"
+        text += f", {len(self.connections)} connections"
+        return text
+
+    # ------------------------------------------------------------------ reload / stop
+
+    async def reload(self, config: Config, available: dict[str, Available]) -> None:
+        """Swap in a validated config and plugin set, then reconcile in full."""
+        assert self.pm is not None and self.caps is not None
+        old = self.config
+        if config.daemon.state_dir != old.daemon.state_dir:
+            self.log.warning("state_dir change needs a restart; keeping the old one",
+                             state_dir=old.daemon.state_dir)
+            config = replace(config, daemon=replace(config.daemon,
+                                                    state_dir=old.daemon.state_dir))
+        if config.kernel.path_manager != old.kernel.path_manager:
+            self.log.warning("path_manager change needs a restart; keeping the old one",
+                             path_manager=old.kernel.path_manager)
+            config = replace(config, kernel=replace(config.kernel,
+                                                    path_manager=old.kernel.path_manager))
+        await apply_kernel_settings(config.kernel, self.caps, self.pm, self.store, self.log)
+        self.config = config
+        self.available = available
+        self.model.set_config(config.network)
+        self.host.timeout = config.daemon.plugin_timeout
+        self.host.max_failures = config.daemon.plugin_max_failures
+        self._instantiate_plugins(config, available)
+        if self.userspace is not None:
+            self.userspace.config_changed()
+        await self.reconcile_now("reload", full=True)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        try:
+            async with self._pass_lock:
+                if self.config.daemon.on_exit == "remove":
+                    if self.reconciler is not None:
+                        await self.reconciler.remove_all()
+                    if self.routing is not None:
+                        await self.routing.remove_all()
+                    if self.pm is not None:
+                        await restore_kernel_settings(self.pm, self.store, self.log)
+                else:
+                    owned = len(self.reconciler.owned) if self.reconciler else 0
+                    self.log.info("keeping endpoints at exit (on_exit = keep)", endpoints=owned)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.host.close()
+        for closable in (self.rtnl_events, self.mptcp_events, self.rtnl, self.pm):
+            if closable is not None:
+                closable.close()
+
+    def endpoint_flags_kept(self) -> EndpointFlags:
+        return self.caps.kept_flags if self.caps else CHANGEABLE_FLAGS
+
+
+def _rtnl_kind(event: RtnlEvent) -> str:
+    if isinstance(event, AddressEvent):
+        return "rtnl_address_removed" if event.removed else "rtnl_address_added"
+    if isinstance(event, LinkEvent):
+        return "rtnl_link_removed" if event.removed else "rtnl_link_changed"
+    return "rtnl_route_removed" if event.removed else "rtnl_route_added"
+
+
+def _describe(event: RtnlEvent) -> str:
+    if isinstance(event, AddressEvent):
+        return f"address {event.address.address} {'removed' if event.removed else 'added'}"
+    if isinstance(event, LinkEvent):
+        state = "removed" if event.removed else ("up" if event.link.running else "down")
+        return f"link {event.link.name} {state}"
+    return f"route {event.route.dst} {'removed' if event.removed else 'added'}"
+
+
+def _event_fields(event: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("token", "saddr", "daddr", "sport", "dport", "local_id", "remote_id",
+                 "backup", "ifindex", "error", "server_side"):
+        if hasattr(event, name):
+            value = getattr(event, name)
+            out[name] = str(value) if name in ("saddr", "daddr") else value
+    return out
+
+
+def _errno_name(code: int) -> str:
+    return errno.errorcode.get(code, str(code))

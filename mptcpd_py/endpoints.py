@@ -1,0 +1,392 @@
+"""Endpoints are reconciled, not just added.
+
+:func:`plan` is pure: desired (from the plugins) x observed (the kernel) x
+owned (the state file) -> operations. :class:`EndpointReconciler` applies
+a plan, keeps the state file and its view of the kernel current, and
+re-plans after a surprise (someone else changed the kernel meanwhile).
+
+Rules the plan follows:
+- only endpoints the daemon created are ever changed or deleted; one is
+  "ours" when its id *and* address match the state file;
+- the in-kernel PM holds 8 endpoints; foreign ones count, ours go to the
+  highest-priority desired addresses, the rest wait and are promoted when
+  a slot frees;
+- a flag change the kernel can make in place (backup, fullmesh) is a
+  SET_FLAGS; any other difference is delete + add;
+- deletes run first (they free slots), then flag changes, then adds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from mptcpd_py.errors import (
+    EndpointExists,
+    EndpointIdBusy,
+    EndpointTableFull,
+    KernelError,
+    NoSuchEndpoint,
+)
+from mptcpd_py.netlink.types import (
+    CHANGEABLE_FLAGS,
+    Address,
+    Endpoint,
+    EndpointFlags,
+    Limits,
+)
+from mptcpd_py.plugin import EndpointIntent
+from mptcpd_py.state import OwnedEndpoint, StateStore
+
+MAX_ENDPOINTS = 8
+MAX_ID = 255
+Key = tuple[Address, int]
+
+ADD, DELETE, SET_FLAGS = "add", "delete", "set_flags"
+
+
+class PathManagerAPI(Protocol):
+    """What the reconciler needs of the kernel (the netlink layer, or a fake)."""
+
+    async def add_endpoint(self, address: Address, flags: EndpointFlags = ..., *,
+                           id: int = 0, ifindex: int = 0, port: int = 0) -> Endpoint: ...
+    async def delete_endpoint(self, id: int, address: Address | None = None) -> None: ...
+    async def endpoints(self, token: int | None = None) -> list[Endpoint]: ...
+    async def set_endpoint_flags(self, flags: EndpointFlags, *, id: int | None = None,
+                                 address: Address | None = None) -> None: ...
+    async def get_limits(self) -> Limits: ...
+    async def set_limits(self, subflows: int | None = None,
+                         add_addr_accepted: int | None = None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    kind: str
+    endpoint: OwnedEndpoint
+    reason: str
+    old_flags: EndpointFlags = EndpointFlags.NONE
+
+
+@dataclass(frozen=True)
+class Plan:
+    operations: tuple[Operation, ...] = ()
+    forgotten: tuple[OwnedEndpoint, ...] = ()  # ours in the state file, gone from the kernel
+    waiting: tuple[EndpointIntent, ...] = ()  # wanted, but no slot (or contested)
+    foreign: tuple[EndpointIntent, ...] = ()  # wanted, but someone else's endpoint has it
+    kept: tuple[OwnedEndpoint, ...] = ()
+    next_id: int = 1
+
+    @property
+    def empty(self) -> bool:
+        return not self.operations and not self.forgotten
+
+
+def _allocate_id(used: set[int], cursor: int) -> tuple[int, int]:
+    """Next free id from the cursor upward, wrapping 255 -> 1 (the kernel
+    does the same, so a just-deleted id is not reused at once)."""
+    cursor = cursor if 1 <= cursor <= MAX_ID else 1
+    for step in range(MAX_ID):
+        candidate = (cursor - 1 + step) % MAX_ID + 1
+        if candidate not in used:
+            return candidate, candidate % MAX_ID + 1
+    raise EndpointTableFull(34, "no free endpoint id", "add endpoint")
+
+
+def match_owned(
+    observed: Iterable[Endpoint], owned: Mapping[Key, OwnedEndpoint]
+) -> tuple[dict[Key, tuple[OwnedEndpoint, Endpoint]], list[OwnedEndpoint], list[Endpoint]]:
+    """(ours present in the kernel, ours gone from the kernel, foreign)."""
+    by_id = {e.id: e for e in observed}
+    present: dict[Key, tuple[OwnedEndpoint, Endpoint]] = {}
+    gone: list[OwnedEndpoint] = []
+    for key, rec in owned.items():
+        ep = by_id.get(rec.id)
+        if ep is not None and ep.key == key:
+            present[key] = (rec, ep)
+        else:
+            gone.append(rec)
+    ours = {rec.id for rec, _ in present.values()}
+    foreign = [e for e in by_id.values() if e.id not in ours]
+    return present, gone, foreign
+
+
+def plan(
+    desired: Sequence[EndpointIntent],
+    observed: Sequence[Endpoint],
+    owned: Mapping[Key, OwnedEndpoint],
+    *,
+    kept_flags: EndpointFlags = EndpointFlags(63) & ~EndpointFlags.IMPLICIT,
+    max_endpoints: int = MAX_ENDPOINTS,
+    next_id: int = 1,
+    contested: frozenset[Key] = frozenset(),
+) -> Plan:
+    present, gone, foreign = match_owned(observed, owned)
+    foreign_by_key = {e.key: e for e in foreign}
+
+    wanted: list[EndpointIntent] = []
+    seen: set[Key] = set()
+    for intent in sorted(desired, key=lambda i: i.priority):
+        if intent.key in seen:
+            continue
+        seen.add(intent.key)
+        wanted.append(replace(intent, flags=intent.flags & kept_flags & ~EndpointFlags.IMPLICIT))
+
+    # Someone else's endpoint for an address we want: leave it alone. An
+    # implicit one (made by the kernel for a subflow) is replaced by an add.
+    blocked = [i for i in wanted if i.key in foreign_by_key
+               and EndpointFlags.IMPLICIT not in foreign_by_key[i.key].flags]
+    replaceable = {i.key for i in wanted if i.key in foreign_by_key} - {i.key for i in blocked}
+    occupied = sum(1 for e in foreign if e.key not in replaceable)
+    slots = max(0, max_endpoints - occupied)
+
+    candidates = [i for i in wanted if i.key not in foreign_by_key or i.key in replaceable]
+    waiting = [i for i in candidates if i.key in contested and i.key not in present]
+    candidates = [i for i in candidates if not (i.key in contested and i.key not in present)]
+    selected, waiting_for_slot = candidates[:slots], candidates[slots:]
+    waiting.extend(waiting_for_slot)
+
+    used = {e.id for e in observed} | {rec.id for rec in owned.values()}
+    deletes: list[Operation] = []
+    changes: list[Operation] = []
+    adds: list[Operation] = []
+    kept: list[OwnedEndpoint] = []
+    selected_keys = {i.key for i in selected}
+    waiting_keys = {i.key for i in waiting_for_slot}
+
+    for key, (rec, _ep) in present.items():
+        if key not in selected_keys:
+            why = "evicted: a higher-priority address needs the slot" if key in waiting_keys \
+                else "no longer wanted"
+            deletes.append(Operation(DELETE, rec, why))
+
+    for intent in selected:
+        record = OwnedEndpoint(0, intent.address, intent.port, intent.flags, intent.ifindex,
+                               intent.plugin)
+        if intent.key in present:
+            rec, ep = present[intent.key]
+            have = ep.flags & ~EndpointFlags.IMPLICIT
+            diff = have ^ intent.flags
+            if diff & ~CHANGEABLE_FLAGS or ep.ifindex != intent.ifindex:
+                deletes.append(Operation(DELETE, rec, "flags or device changed: re-adding"))
+                new_id, next_id = _allocate_id(used, next_id)
+                used.add(new_id)
+                adds.append(Operation(ADD, replace(record, id=new_id),
+                                      intent.reason or "wanted"))
+            elif diff:
+                changes.append(Operation(SET_FLAGS, replace(rec, flags=intent.flags,
+                                                            plugin=intent.plugin),
+                                         intent.reason or "flags changed", old_flags=have))
+            else:
+                kept.append(replace(rec, plugin=intent.plugin) if rec.plugin != intent.plugin
+                            else rec)
+            continue
+        new_id, next_id = _allocate_id(used, next_id)
+        used.add(new_id)
+        adds.append(Operation(ADD, replace(record, id=new_id), intent.reason or "wanted"))
+
+    return Plan(
+        operations=tuple(deletes + changes + adds),
+        forgotten=tuple(gone),
+        waiting=tuple(waiting),
+        foreign=tuple(blocked),
+        kept=tuple(kept),
+        next_id=next_id,
+    )
+
+
+@dataclass
+class PassResult:
+    applied: list[Operation] = field(default_factory=list)
+    failed: list[tuple[Operation, KernelError]] = field(default_factory=list)
+    forgotten: list[OwnedEndpoint] = field(default_factory=list)
+    plan: Plan = field(default_factory=Plan)
+
+
+class EndpointReconciler:
+    """Applies plans to the kernel; owns the state file's endpoint records."""
+
+    CONTEST_WINDOW = 600.0
+    CONTEST_LIMIT = 3
+
+    def __init__(
+        self,
+        pm: PathManagerAPI,
+        store: StateStore,
+        log: Any,
+        *,
+        kept_flags: EndpointFlags = EndpointFlags(47),
+        max_endpoints: int = MAX_ENDPOINTS,
+        on_operation: Any = None,
+        ifname_of: Any = None,
+    ) -> None:
+        self.pm = pm
+        self.store = store
+        self.log = log
+        self.kept_flags = kept_flags
+        self.max_endpoints = max_endpoints
+        self.observed: list[Endpoint] = []
+        self.last_plan = Plan()
+        self.last_error = ""
+        self.errors = 0
+        self.on_operation = on_operation  # callback(kind, OwnedEndpoint, reason, ok, error)
+        self.ifname_of = ifname_of or (lambda index: "")
+        self._deleted_externally: dict[Key, list[float]] = {}
+
+    @property
+    def owned(self) -> dict[Key, OwnedEndpoint]:
+        return self.store.state.endpoints
+
+    async def resync(self) -> None:
+        """Re-read the kernel's endpoints (the only way to see others' changes)."""
+        self.observed = await self.pm.endpoints()
+
+    def contested(self, now: float | None = None) -> frozenset[Key]:
+        now = time.monotonic() if now is None else now
+        out = set()
+        for key, times in list(self._deleted_externally.items()):
+            recent = [t for t in times if now - t < self.CONTEST_WINDOW]
+            self._deleted_externally[key] = recent
+            if len(recent) >= self.CONTEST_LIMIT:
+                out.add(key)
+        return frozenset(out)
+
+    async def reconcile(self, desired: Sequence[EndpointIntent], *, full: bool = False
+                        ) -> PassResult:
+        """One pass; ``full`` re-reads the kernel first. Re-plans (at most
+        twice) when the kernel surprises it."""
+        result = PassResult()
+        if full or not self.observed and self.owned:
+            await self.resync()
+        for _attempt in range(3):
+            current = plan(
+                desired, self.observed, self.owned, kept_flags=self.kept_flags,
+                max_endpoints=self.max_endpoints, next_id=self.store.state.next_id,
+                contested=self.contested(),
+            )
+            result.plan = current
+            self.last_plan = current
+            if current.forgotten:
+                self._forget(current.forgotten, result)
+            if not current.operations:
+                break
+            surprised = await self._apply(current, result)
+            if not surprised:
+                break
+            await self.resync()
+        return result
+
+    def _forget(self, gone: Iterable[OwnedEndpoint], result: PassResult) -> None:
+        now = time.monotonic()
+        for rec in gone:
+            self.owned.pop(rec.key, None)
+            self._deleted_externally.setdefault(rec.key, []).append(now)
+            result.forgotten.append(rec)
+            self.log.warning("endpoint deleted by someone else", addr=str(rec.address),
+                             endpoint_id=rec.id, ifname=self.ifname_of(rec.ifindex))
+            if len(self._deleted_externally[rec.key]) == self.CONTEST_LIMIT:
+                self.log.warning(
+                    "endpoint keeps being deleted by someone else (NetworkManager?); "
+                    "not restoring it for 10 minutes", addr=str(rec.address))
+        self.store.save()
+
+    async def _apply(self, current: Plan, result: PassResult) -> bool:
+        """Apply operations in order; True when the kernel state was not what
+        we thought (re-read and re-plan)."""
+        surprised = False
+        self.store.state.next_id = current.next_id
+        for op in current.operations:
+            rec = op.endpoint
+            try:
+                if op.kind == DELETE:
+                    try:
+                        await self.pm.delete_endpoint(rec.id, rec.address)
+                    except NoSuchEndpoint:
+                        surprised = True
+                    self.owned.pop(rec.key, None)
+                    self.observed = [e for e in self.observed if e.id != rec.id]
+                    self.store.save()
+                elif op.kind == SET_FLAGS:
+                    await self.pm.set_endpoint_flags(rec.flags, id=rec.id)
+                    self.owned[rec.key] = rec
+                    self.observed = [
+                        replace(e, flags=(e.flags & ~CHANGEABLE_FLAGS) | (rec.flags & CHANGEABLE_FLAGS))
+                        if e.id == rec.id else e for e in self.observed
+                    ]
+                    self.store.save()
+                else:  # ADD: record first, so a crash right after is adoptable
+                    self.owned[rec.key] = rec
+                    self.store.save()
+                    try:
+                        await self.pm.add_endpoint(rec.address, rec.flags, id=rec.id,
+                                                   ifindex=rec.ifindex, port=rec.port)
+                    except BaseException:
+                        self.owned.pop(rec.key, None)
+                        self.store.save()
+                        raise
+                    self.observed = [e for e in self.observed if e.key != rec.key]
+                    self.observed.append(Endpoint(rec.id, rec.address, rec.flags, rec.ifindex,
+                                                  rec.port))
+            except (EndpointExists, EndpointIdBusy, NoSuchEndpoint) as exc:
+                surprised = True
+                self._failed(op, exc, result, level="info")
+                continue
+            except EndpointTableFull as exc:
+                surprised = True
+                self._failed(op, exc, result, level="warning")
+                continue
+            except KernelError as exc:
+                self._failed(op, exc, result, level="error")
+                continue
+            result.applied.append(op)
+            self._log_op(op)
+            if self.on_operation is not None:
+                self.on_operation(op, None)
+        return surprised
+
+    def _failed(self, op: Operation, exc: KernelError, result: PassResult, level: str) -> None:
+        result.failed.append((op, exc))
+        self.errors += 1
+        self.last_error = str(exc)
+        getattr(self.log, level)(
+            f"endpoint {op.kind.replace('_', ' ')} failed", addr=str(op.endpoint.address),
+            endpoint_id=op.endpoint.id, ifname=self.ifname_of(op.endpoint.ifindex),
+            error=str(exc),
+        )
+        if self.on_operation is not None:
+            self.on_operation(op, str(exc))
+
+    def _log_op(self, op: Operation) -> None:
+        rec = op.endpoint
+        words = {ADD: "endpoint added", DELETE: "endpoint removed",
+                 SET_FLAGS: "endpoint flags changed"}
+        self.log.info(words[op.kind], addr=str(rec.address), endpoint_id=rec.id,
+                      flags=str(rec.flags), ifname=self.ifname_of(rec.ifindex),
+                      plugin=rec.plugin or None, reason=op.reason)
+
+    async def remove_all(self) -> list[OwnedEndpoint]:
+        """Delete every endpoint we own (shutdown with on_exit = "remove")."""
+        removed = []
+        try:
+            await self.resync()
+        except KernelError:
+            pass
+        present, gone, _ = match_owned(self.observed, self.owned)
+        for rec in gone:
+            self.owned.pop(rec.key, None)
+        for key, (rec, _ep) in list(present.items()):
+            try:
+                await self.pm.delete_endpoint(rec.id, rec.address)
+                removed.append(rec)
+                self.log.info("endpoint removed", addr=str(rec.address), endpoint_id=rec.id,
+                              ifname=self.ifname_of(rec.ifindex), reason="daemon stopping")
+            except NoSuchEndpoint:
+                pass
+            except KernelError as exc:
+                self.log.error("endpoint remove failed", addr=str(rec.address),
+                               endpoint_id=rec.id, error=str(exc))
+                continue
+            self.owned.pop(key, None)
+        self.store.save()
+        return removed

@@ -1,0 +1,294 @@
+"""The network as the daemon sees it: interfaces, addresses and default
+routes, kept current from rtnetlink, and which addresses are eligible
+under ``[network]``.
+
+The model is mutable and owned by the core; plugins get an immutable
+:class:`NetworkSnapshot`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from mptcpd_py.config import NetworkConfig
+from mptcpd_py.netlink.types import (
+    RT_TABLE_MAIN,
+    Address,
+    AddressEvent,
+    IfAddress,
+    Link,
+    LinkEvent,
+    Route,
+    RouteEvent,
+    RtnlEvent,
+)
+
+_LINK_LOCAL_V4 = ipaddress.ip_network("169.254.0.0/16")
+_ULA = ipaddress.ip_network("fc00::/7")
+RTN_UNICAST = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    """A link plus what the policies want to know about it."""
+
+    index: int
+    name: str
+    up: bool
+    running: bool
+    kind: str = ""
+    link_type: int = 1
+    devtype: str = ""  # DEVTYPE= of /sys/class/net/NAME/uevent (wwan, wlan, ...)
+    loopback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An eligible address: what a policy may turn into an endpoint."""
+
+    address: IfAddress
+    interface: Interface
+    rank: int  # index of the first matching [network] include glob (config order)
+
+    @property
+    def priority(self) -> tuple[int, int, int, int]:
+        """Lower wins when slots are scarce: config order, then interface order."""
+        return (self.rank, self.interface.index, self.address.address.version,
+                int(self.address.address))
+
+
+@dataclass(frozen=True)
+class NetworkSnapshot:
+    """An immutable view of the network, handed to plugins."""
+
+    interfaces: Mapping[int, Interface] = field(default_factory=dict)
+    addresses: tuple[IfAddress, ...] = ()
+    eligible: tuple[Candidate, ...] = ()
+    ineligible: Mapping[tuple[int, Address], str] = field(default_factory=dict)
+    gateways: Mapping[tuple[int, int], Address] = field(default_factory=dict)
+    generation: int = 0
+
+    def interface(self, name: str) -> Interface | None:
+        for iface in self.interfaces.values():
+            if iface.name == name:
+                return iface
+        return None
+
+    def has_default_route(self, index: int, family: int) -> bool:
+        return (index, family) in self.gateways or (index, -family) in self.gateways
+
+    def gateway(self, index: int, family: int) -> Address | None:
+        return self.gateways.get((index, family))
+
+    def candidate(self, address: Address) -> Candidate | None:
+        for c in self.eligible:
+            if c.address.address == address:
+                return c
+        return None
+
+
+def matches_any(name: str, globs: Iterable[str]) -> int | None:
+    """Index of the first glob matching ``name``, or None."""
+    for i, pattern in enumerate(globs):
+        if fnmatch.fnmatchcase(name, pattern):
+            return i
+    return None
+
+
+def ineligibility(
+    addr: IfAddress,
+    iface: Interface | None,
+    has_default_route: bool,
+    cfg: NetworkConfig,
+) -> str | None:
+    """Why an address may not become an endpoint, or None when it may."""
+    ip = addr.address
+    if iface is None:
+        return "interface unknown"
+    if ip.is_unspecified or ip.is_multicast:
+        return "not a unicast address"
+    if cfg.skip_loopback and (iface.loopback or ip.is_loopback):
+        return "loopback"
+    if cfg.skip_link_local and (ip.is_link_local or ip in _LINK_LOCAL_V4):
+        return "link-local"
+    if cfg.skip_ula and ip.version == 6 and ip in _ULA:
+        return "IPv6 unique local address"
+    if addr.tentative:
+        return "tentative (duplicate address detection not finished)"
+    if cfg.skip_deprecated and addr.deprecated:
+        return "deprecated"
+    if matches_any(iface.name, cfg.include) is None:
+        return "interface not in [network] include"
+    if matches_any(iface.name, cfg.exclude) is not None:
+        return "interface in [network] exclude"
+    if not iface.running:
+        return "link down"
+    if cfg.require_default_route and not has_default_route:
+        return "no default route on this interface"
+    return None
+
+
+def read_devtype(name: str, sysfs: str = "/sys/class/net") -> str:
+    """DEVTYPE from the interface's uevent file ("" when absent)."""
+    try:
+        with open(os.path.join(sysfs, name, "uevent")) as f:
+            for line in f:
+                if line.startswith("DEVTYPE="):
+                    return line.split("=", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+class NetworkModel:
+    """Links, addresses and main-table default routes, updated event by event."""
+
+    def __init__(self, cfg: NetworkConfig, devtype_reader: object = read_devtype) -> None:
+        self.cfg = cfg
+        self.links: dict[int, Link] = {}
+        self.addresses: dict[tuple[int, Address], IfAddress] = {}
+        self.defaults: dict[tuple[int, int, str, int], Route] = {}
+        self.generation = 0
+        self._devtypes: dict[tuple[int, str], str] = {}
+        self._read_devtype = devtype_reader
+        self._ignored_at_start: set[tuple[int, Address]] = set()
+        self._snapshot: NetworkSnapshot | None = None
+
+    def load(self, links: Iterable[Link], addresses: Iterable[IfAddress],
+             routes: Iterable[Route], *, initial: bool = False) -> None:
+        """Replace everything with a fresh dump (start, or after an overflow)."""
+        self.links = {link.index: link for link in links}
+        self.addresses = {(a.index, a.address): a for a in addresses}
+        self.defaults = {}
+        for route in routes:
+            self._apply_route(route, removed=False)
+        if initial and not self.cfg.existing:
+            self._ignored_at_start = set(self.addresses)
+        self._ignored_at_start &= set(self.addresses)
+        self._changed()
+
+    def set_config(self, cfg: NetworkConfig) -> None:
+        self.cfg = cfg
+        self._changed()
+
+    def _changed(self) -> None:
+        self.generation += 1
+        self._snapshot = None
+
+    def apply(self, event: RtnlEvent) -> bool:
+        """Apply one event; True when something the policies see changed."""
+        if isinstance(event, LinkEvent):
+            link = event.link
+            if event.removed:
+                if self.links.pop(link.index, None) is None:
+                    return False
+                for addr_key in [k for k in self.addresses if k[0] == link.index]:
+                    del self.addresses[addr_key]
+                for route_key in [k for k in self.defaults if k[1] == link.index]:
+                    del self.defaults[route_key]
+            else:
+                old = self.links.get(link.index)
+                if old == link:
+                    return False
+                self.links[link.index] = link
+                if old is not None and old.name != link.name:
+                    self._devtypes.pop((link.index, old.name), None)
+            self._changed()
+            return True
+        if isinstance(event, AddressEvent):
+            addr = event.address
+            key = (addr.index, addr.address)
+            if event.removed:
+                if self.addresses.pop(key, None) is None:
+                    return False
+                self._ignored_at_start.discard(key)
+            else:
+                if self.addresses.get(key) == addr:
+                    return False
+                self.addresses[key] = addr
+            self._changed()
+            return True
+        if isinstance(event, RouteEvent):
+            if self._apply_route(event.route, event.removed):
+                self._changed()
+                return True
+            return False
+        return False
+
+    def _apply_route(self, route: Route, removed: bool) -> bool:
+        if not route.is_default or route.table != RT_TABLE_MAIN or route.type != RTN_UNICAST:
+            return False
+        if not route.oif:
+            return False
+        key = (route.family, route.oif, str(route.gateway or ""), route.priority)
+        if removed:
+            return self.defaults.pop(key, None) is not None
+        if self.defaults.get(key) == route:
+            return False
+        self.defaults[key] = route
+        return True
+
+    def _interface(self, link: Link) -> Interface:
+        key = (link.index, link.name)
+        devtype = self._devtypes.get(key)
+        if devtype is None:
+            reader = self._read_devtype
+            devtype = reader(link.name) if callable(reader) else ""
+            self._devtypes[key] = devtype
+        return Interface(
+            index=link.index,
+            name=link.name,
+            up=link.up,
+            running=link.running,
+            kind=link.kind,
+            link_type=link.link_type,
+            devtype=devtype,
+            loopback=link.loopback,
+        )
+
+    def snapshot(self) -> NetworkSnapshot:
+        if self._snapshot is not None:
+            return self._snapshot
+        interfaces = {index: self._interface(link) for index, link in self.links.items()}
+        gateways: dict[tuple[int, int], Address] = {}
+        for route in sorted(self.defaults.values(), key=lambda r: r.priority):
+            if route.gateway is not None:
+                gateways.setdefault((route.oif, route.family), route.gateway)
+            else:  # a device route (point-to-point): default route, no gateway
+                gateways.setdefault((route.oif, -route.family), _ANY[route.family])
+        eligible: list[Candidate] = []
+        ineligible: dict[tuple[int, Address], str] = {}
+        for key, addr in self.addresses.items():
+            iface = interfaces.get(addr.index)
+            family = socket.AF_INET if addr.address.version == 4 else socket.AF_INET6
+            has_default = (addr.index, family) in gateways or (addr.index, -family) in gateways
+            reason = ineligibility(addr, iface, has_default, self.cfg)
+            if reason is None and key in self._ignored_at_start:
+                reason = "present at start and [network] existing = false"
+            if reason is not None or iface is None:
+                ineligible[key] = reason or "interface unknown"
+                continue
+            rank = matches_any(iface.name, self.cfg.include) or 0
+            eligible.append(Candidate(addr, iface, rank))
+        eligible.sort(key=lambda c: c.priority)
+        self._snapshot = NetworkSnapshot(
+            interfaces=MappingProxyType(interfaces),
+            addresses=tuple(self.addresses.values()),
+            eligible=tuple(eligible),
+            ineligible=MappingProxyType(ineligible),
+            gateways=MappingProxyType(gateways),
+            generation=self.generation,
+        )
+        return self._snapshot
+
+
+_ANY: dict[int, Address] = {
+    socket.AF_INET: ipaddress.IPv4Address("0.0.0.0"),
+    socket.AF_INET6: ipaddress.IPv6Address("::"),
+}

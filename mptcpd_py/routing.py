@@ -1,0 +1,178 @@
+"""Source routing for endpoint addresses.
+
+MPTCP setup guides ask users to add, per extra interface, a policy rule
+``from ADDR lookup T`` and a table T with the interface's subnet and a
+default route via its gateway, so a subflow bound to ADDR leaves through
+its own interface. This does it for every endpoint address whose interface
+has a default gateway, and undoes it when the endpoint goes.
+
+Only rules and routes recorded in the state file are ever removed; tables
+are ``table_base + ifindex``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from mptcpd_py.config import RoutingConfig
+from mptcpd_py.errors import EndpointExists, KernelError, NoSuchObject
+from mptcpd_py.model import NetworkSnapshot
+from mptcpd_py.netlink.types import Address, Route, Rule
+from mptcpd_py.state import OwnedEndpoint, OwnedRoute, StateStore
+
+RT_SCOPE_LINK = 253
+
+
+class RoutingAPI(Protocol):
+    async def add_route(self, route: Route) -> None: ...
+    async def delete_route(self, route: Route) -> None: ...
+    async def add_rule(self, rule: Rule) -> None: ...
+    async def delete_rule(self, rule: Rule) -> None: ...
+    async def rules(self) -> list[Rule]: ...
+    async def routes(self) -> list[Route]: ...
+
+
+def _family(address: Address) -> int:
+    return socket.AF_INET if address.version == 4 else socket.AF_INET6
+
+
+def _host(address: Address) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
+
+
+def desired_routes(
+    endpoints: Iterable[OwnedEndpoint], net: NetworkSnapshot, cfg: RoutingConfig
+) -> dict[Address, OwnedRoute]:
+    """One rule + table per endpoint address whose interface has a gateway."""
+    out: dict[Address, OwnedRoute] = {}
+    if not cfg.source_routes:
+        return out
+    by_addr = {(a.index, a.address): a for a in net.addresses}
+    for ep in endpoints:
+        index = ep.ifindex
+        if not index:
+            cand = net.candidate(ep.address)
+            if cand is None:
+                continue
+            index = cand.interface.index
+        gateway = net.gateway(index, _family(ep.address))
+        if gateway is None:
+            continue
+        addr = by_addr.get((index, ep.address))
+        subnet = str(addr.network) if addr is not None and addr.prefixlen < ep.address.max_prefixlen \
+            else ""
+        out[ep.address] = OwnedRoute(ep.address, index, cfg.table_base + index,
+                                     cfg.rule_priority, gateway, subnet)
+    return out
+
+
+def _rule(r: OwnedRoute) -> Rule:
+    return Rule(family=_family(r.address), table=r.table, priority=r.priority,
+                src=_host(r.address))
+
+
+def _table_routes(r: OwnedRoute) -> list[Route]:
+    family = _family(r.address)
+    routes = []
+    if r.subnet:
+        routes.append(Route(family=family, dst=ipaddress.ip_network(r.subnet), table=r.table,
+                            oif=r.ifindex, scope=RT_SCOPE_LINK if family == socket.AF_INET else 0,
+                            prefsrc=r.address if family == socket.AF_INET else None))
+    default = ipaddress.ip_network("0.0.0.0/0" if family == socket.AF_INET else "::/0")
+    routes.append(Route(family=family, dst=default, table=r.table, gateway=r.gateway,
+                        oif=r.ifindex))
+    return routes
+
+
+class SourceRouting:
+    """Keeps the kernel's rules and tables equal to :func:`desired_routes`."""
+
+    def __init__(self, rtnl: RoutingAPI, store: StateStore, log: Any) -> None:
+        self.rtnl = rtnl
+        self.store = store
+        self.log = log
+        self.errors = 0
+        self.last_error = ""
+
+    @property
+    def owned(self) -> dict[Address, OwnedRoute]:
+        return self.store.state.routes
+
+    async def reconcile(self, wanted: dict[Address, OwnedRoute], *, verify: bool = False) -> None:
+        if verify and self.owned:
+            await self._verify()
+        for address, have in list(self.owned.items()):
+            if wanted.get(address) != have:
+                await self._remove(have)
+        for address, want in wanted.items():
+            if address not in self.owned:
+                await self._add(want)
+
+    async def _verify(self) -> None:
+        """Forget records whose rule vanished (someone flushed it): re-added next."""
+        try:
+            rules = set(await self.rtnl.rules())
+        except KernelError as exc:
+            self.log.warning("cannot dump rules", error=str(exc))
+            return
+        for address, have in list(self.owned.items()):
+            if _rule(have) not in rules:
+                self.owned.pop(address, None)
+        self.store.save()
+
+    def _still_used(self, r: OwnedRoute) -> list[Route]:
+        """The table routes of ``r`` that another owned address still needs."""
+        others = [o for o in self.owned.values()
+                  if o.address != r.address and o.table == r.table
+                  and _family(o.address) == _family(r.address)]
+        needed = {route for o in others for route in _table_routes(o)}
+        return [route for route in _table_routes(r) if route in needed]
+
+    async def _add(self, r: OwnedRoute) -> None:
+        self.owned[r.address] = r
+        self.store.save()
+        try:
+            for route in _table_routes(r):
+                try:
+                    await self.rtnl.add_route(route)
+                except EndpointExists:
+                    pass  # shared table route already there
+            try:
+                await self.rtnl.add_rule(_rule(r))
+            except EndpointExists:
+                pass
+        except KernelError as exc:
+            self.owned.pop(r.address, None)
+            self.store.save()
+            self.errors += 1
+            self.last_error = str(exc)
+            self.log.warning("source route not added", addr=str(r.address), table=r.table,
+                             error=str(exc))
+            return
+        self.log.info("source route added", addr=str(r.address), table=r.table,
+                      gateway=str(r.gateway))
+
+    async def _remove(self, r: OwnedRoute) -> None:
+        keep = self._still_used(r)
+        try:
+            await self.rtnl.delete_rule(_rule(r))
+        except (NoSuchObject, KernelError) as exc:
+            if not isinstance(exc, NoSuchObject) and exc.errno not in (2, 3):
+                self.log.warning("source rule not removed", addr=str(r.address), error=str(exc))
+        for route in _table_routes(r):
+            if route in keep:
+                continue
+            try:
+                await self.rtnl.delete_route(route)
+            except KernelError:
+                pass  # gone with its link already
+        self.owned.pop(r.address, None)
+        self.store.save()
+        self.log.info("source route removed", addr=str(r.address), table=r.table)
+
+    async def remove_all(self) -> None:
+        for r in list(self.owned.values()):
+            await self._remove(r)

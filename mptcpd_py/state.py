@@ -1,0 +1,149 @@
+"""The state file: what the daemon owns in the kernel, so that it never
+touches what it did not create, and so that a restart after a crash adopts
+its leftovers instead of duplicating them.
+
+Written atomically (temp file + rename) in ``state_dir`` (tmpfs /run by
+default), *before* an endpoint is added: a crash between the write and the
+kernel's reply leaves a record for an endpoint that may or may not exist,
+which the next start resolves by comparing id and address with a dump.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mptcpd_py.netlink.types import Address, EndpointFlags, parse_address
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedEndpoint:
+    id: int
+    address: Address
+    port: int
+    flags: EndpointFlags
+    ifindex: int
+    plugin: str = ""
+
+    @property
+    def key(self) -> tuple[Address, int]:
+        return (self.address, self.port)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "address": str(self.address), "port": self.port,
+                "flags": int(self.flags), "ifindex": self.ifindex, "plugin": self.plugin}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OwnedEndpoint:
+        return cls(int(data["id"]), parse_address(data["address"]), int(data.get("port", 0)),
+                   EndpointFlags(int(data.get("flags", 0))), int(data.get("ifindex", 0)),
+                   str(data.get("plugin", "")))
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedRoute:
+    """A rule + route pair of source routing, keyed by the address it serves."""
+
+    address: Address
+    ifindex: int
+    table: int
+    priority: int
+    gateway: Address | None
+    subnet: str  # the connected prefix also routed in the table ("" if none)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["address"] = str(self.address)
+        data["gateway"] = str(self.gateway) if self.gateway else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OwnedRoute:
+        gw = data.get("gateway")
+        return cls(parse_address(data["address"]), int(data["ifindex"]), int(data["table"]),
+                   int(data["priority"]), parse_address(gw) if gw else None,
+                   str(data.get("subnet", "")))
+
+
+@dataclass
+class State:
+    endpoints: dict[tuple[Address, int], OwnedEndpoint] = field(default_factory=dict)
+    routes: dict[Address, OwnedRoute] = field(default_factory=dict)
+    next_id: int = 1
+    saved_limits: dict[str, int] | None = None  # the kernel's limits before we changed them
+    saved_sysctls: dict[str, str] = field(default_factory=dict)
+    pid: int = 0
+
+
+class StateStore:
+    """Load and save :class:`State` at ``state_dir/state.json``."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.path = os.path.join(state_dir, "state.json")
+        self.state = State()
+        self.problem = ""
+
+    def load(self) -> State:
+        """Read the file; a missing file is a fresh start, a corrupt one is
+        set aside (``state.json.corrupt``) and reported, never fatal."""
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+                raise ValueError(f"unknown state version {data.get('version')!r}")
+            state = State(
+                endpoints={},
+                routes={},
+                next_id=int(data.get("next_id", 1)),
+                saved_limits=data.get("saved_limits"),
+                saved_sysctls=dict(data.get("saved_sysctls", {})),
+                pid=int(data.get("pid", 0)),
+            )
+            for item in data.get("endpoints", []):
+                owned = OwnedEndpoint.from_json(item)
+                state.endpoints[owned.key] = owned
+            for item in data.get("routes", []):
+                route = OwnedRoute.from_json(item)
+                state.routes[route.address] = route
+        except FileNotFoundError:
+            state = State()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.problem = f"{self.path}: unreadable state ({exc}); starting without it"
+            with contextlib.suppress(OSError):
+                os.replace(self.path, self.path + ".corrupt")
+            state = State()
+        self.state = state
+        return state
+
+    def save(self) -> None:
+        s = self.state
+        data = {
+            "version": STATE_VERSION,
+            "pid": os.getpid(),
+            "next_id": s.next_id,
+            "endpoints": [e.to_json() for e in s.endpoints.values()],
+            "routes": [r.to_json() for r in s.routes.values()],
+            "saved_limits": s.saved_limits,
+            "saved_sysctls": s.saved_sysctls,
+        }
+        os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.state_dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, separators=(",", ":"))
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

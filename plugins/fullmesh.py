@@ -1,0 +1,85 @@
+"""fullmesh: a subflow between every local and every peer address.
+
+In-kernel path manager: subflow endpoints get the ``fullmesh`` flag, so
+the kernel opens a subflow from each of them to each address the peer
+announced (signal endpoints are left alone: the kernel refuses both).
+
+Userspace path manager: for each established connection, a subflow from
+every eligible local address to every known peer address (the initial one
+and those announced) of the same family, up to ``max_subflows`` per
+connection; a path that comes back (its address eligible again) gets its
+subflows again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from mptcpd_py.model import NetworkSnapshot
+from mptcpd_py.plugin import (
+    ConnectionContext,
+    EndpointFlags,
+    EndpointIntent,
+    Plugin,
+    RemoteAddress,
+    Subflow,
+)
+from mptcpd_py.schema import INT, Option, Schema
+
+
+class Fullmesh(Plugin):
+    __doc__ = __doc__
+    name = "fullmesh"
+    options = Schema(
+        {"max_subflows": Option(INT, 8, "Subflows per connection (userspace PM), the initial "
+                                "one included.", min=1, max=64)},
+        "Full mesh of subflows.",
+    )
+
+    def endpoints(self, net: NetworkSnapshot, proposed: tuple[EndpointIntent, ...]
+                  ) -> Iterable[EndpointIntent]:
+        out = []
+        for intent in proposed:
+            if EndpointFlags.SUBFLOW in intent.flags and EndpointFlags.SIGNAL not in intent.flags \
+                    and EndpointFlags.FULLMESH not in intent.flags:
+                intent = intent.with_flags(intent.flags | EndpointFlags.FULLMESH, "fullmesh")
+            out.append(intent)
+        return out
+
+    def _mesh(self, ctx: ConnectionContext) -> None:
+        conn = ctx.conn
+        if not conn.established:
+            return
+        remotes = list(conn.remotes) or [RemoteAddress(0, conn.remote, conn.remote_port)]
+        count = len(conn.subflows) or 1
+        budget = self.config["max_subflows"] - count
+        for cand in ctx.net.eligible:
+            local = cand.address.address
+            for remote in remotes:
+                if budget <= 0:
+                    return
+                if local.version != remote.address.version:
+                    continue
+                port = remote.port or conn.remote_port
+                if local == conn.local and remote.address == conn.remote:
+                    continue  # the initial subflow
+                if conn.has_subflow(local, remote.address, port):
+                    continue
+                ctx.create_subflow(local, remote.address, port,
+                                   reason=f"fullmesh {local} -> {remote.address}")
+                budget -= 1
+
+    def connection_established(self, ctx: ConnectionContext) -> None:
+        self._mesh(ctx)
+
+    def address_announced(self, ctx: ConnectionContext, remote: RemoteAddress) -> None:
+        self._mesh(ctx)
+
+    def network_changed(self, ctx: ConnectionContext) -> None:
+        self._mesh(ctx)
+
+    def subflow_closed(self, ctx: ConnectionContext, subflow: Subflow) -> None:
+        # Only re-mesh when the path is still usable; a dead path comes back
+        # through network_changed once its address is eligible again.
+        if ctx.net.candidate(subflow.local) is not None and subflow.local != ctx.conn.local:
+            self._mesh(ctx)

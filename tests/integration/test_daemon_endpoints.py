@@ -1,0 +1,192 @@
+"""The daemon in a namespace: addresses become endpoints and go away again,
+an admin's endpoints are never touched, and the kernel converges after
+crashes, deletions and reloads."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mptcpd_py.lab import Lab, Netns, daemon_config, wait_for
+
+
+def eth(ns: Netns, name: str = "eth0") -> None:
+    ns.ip("link", "add", name, "type", "veth", "peer", "name", f"{name}p")
+    ns.ip("link", "set", f"{name}p", "up")
+    ns.ip("link", "set", name, "up")
+
+
+def endpoints(ns: Netns) -> dict[str, dict]:
+    return {row["address"]: row for row in ns.endpoints()}
+
+
+@pytest.fixture
+def box(lab: Lab) -> Netns:
+    ns = lab.netns("box")
+    eth(ns, "eth0")
+    eth(ns, "eth1")
+    ns.ip("addr", "add", "192.0.2.1/24", "dev", "eth0")
+    # An admin's own endpoint, made before the daemon: it must survive everything.
+    ns.ip("mptcp", "endpoint", "add", "203.0.113.99", "id", "99", "signal")
+    return ns
+
+
+def test_address_lifecycle_follows_the_network_and_spares_admin_endpoints(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    cfg = daemon_config(str(tmp_path / "state"),
+                        extra='[plugins.addr_adv]\nflags = ["signal"]\n'
+                              '[[plugins.addr_adv.interface]]\nmatch = "eth1"\n'
+                              'flags = ["subflow", "backup"]\n')
+    d = daemons(box, cfg).start()
+    wait_for(lambda: "192.0.2.1" in endpoints(box), what="existing address endpoint")
+    assert endpoints(box)["192.0.2.1"]["flags"] == {"signal"}
+    assert endpoints(box)["192.0.2.1"]["dev"] == "eth0"
+
+    box.ip("addr", "add", "198.51.100.1/24", "dev", "eth1")
+    box.ip("addr", "add", "2001:db8::1/64", "dev", "eth1", "nodad")
+    wait_for(lambda: {"198.51.100.1", "2001:db8::1"} <= set(endpoints(box)), what="new")
+    assert endpoints(box)["198.51.100.1"]["flags"] == {"subflow", "backup"}
+
+    box.ip("addr", "del", "198.51.100.1/24", "dev", "eth1")
+    wait_for(lambda: "198.51.100.1" not in endpoints(box), what="deleted address")
+
+    box.ip("link", "set", "eth0", "down")
+    wait_for(lambda: "192.0.2.1" not in endpoints(box), what="link down")
+    box.ip("link", "set", "eth0", "up")
+    wait_for(lambda: "192.0.2.1" in endpoints(box), what="link up")
+
+    assert endpoints(box)["203.0.113.99"] == {"address": "203.0.113.99", "id": 99,
+                                              "flags": {"signal"}}
+    assert d.stop() == 0
+    assert set(endpoints(box)) == {"203.0.113.99"}
+    assert d.errors() == []
+
+
+def test_sigterm_removes_owned_endpoints_and_restores_limits(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    box.ip("mptcp", "limits", "set", "subflows", "1", "add_addr_accepted", "0")
+    cfg = daemon_config(str(tmp_path / "state"),
+                        extra="[kernel.limits]\nsubflows = 4\nadd_addr_accepted = 3\n")
+    d = daemons(box, cfg).start()
+    assert "subflows 4" in box.ip("mptcp", "limits", "show")
+    wait_for(lambda: "192.0.2.1" in endpoints(box))
+    d.send(signal.SIGTERM)
+    assert d.proc.wait(timeout=20) == 0
+    assert set(endpoints(box)) == {"203.0.113.99"}
+    limits = box.ip("mptcp", "limits", "show").split()
+    assert limits == ["add_addr_accepted", "0", "subflows", "1"]
+    assert d.wait_notify("STOPPING=1", 1)
+
+
+def test_sigkill_then_restart_adopts_without_duplicates_or_errors(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    cfg = daemon_config(str(tmp_path / "state"))
+    box.ip("addr", "add", "198.51.100.1/24", "dev", "eth1")
+    first = daemons(box, cfg, name="first").start()
+    wait_for(lambda: {"192.0.2.1", "198.51.100.1"} <= set(endpoints(box)))
+    ids = {a: r["id"] for a, r in endpoints(box).items()}
+    first.kill()
+    box.ip("addr", "add", "198.51.100.2/24", "dev", "eth1")  # changed while it was dead
+    second = daemons(box, cfg, name="second").start()
+    wait_for(lambda: "198.51.100.2" in endpoints(box))
+    after = endpoints(box)
+    assert sorted(after) == ["192.0.2.1", "198.51.100.1", "198.51.100.2", "203.0.113.99"]
+    assert {a: after[a]["id"] for a in ids} == ids  # adopted, not re-created
+    assert second.errors() == []
+    assert second.stop() == 0
+    assert set(endpoints(box)) == {"203.0.113.99"}
+
+
+def test_endpoint_deleted_by_admin_is_restored_by_the_periodic_resync(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    cfg = daemon_config(str(tmp_path / "state"), reconcile_interval=0.5)
+    daemons(box, cfg).start()
+    wait_for(lambda: "192.0.2.1" in endpoints(box))
+    owned_id = endpoints(box)["192.0.2.1"]["id"]
+    box.ip("mptcp", "endpoint", "delete", "id", str(owned_id))
+    deleted_at = time.monotonic()
+    wait_for(lambda: "192.0.2.1" in endpoints(box), timeout=5, what="restored endpoint")
+    assert time.monotonic() - deleted_at < 2.0
+
+
+def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_broken(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    cfg = daemon_config(str(tmp_path / "state"))
+    d = daemons(box, cfg).start()
+    wait_for(lambda: "192.0.2.1" in endpoints(box))
+    d.write_config(cfg + "[plugins.addr_adv]\nflags = ['signal', 'turbo']\n")
+    mark = len(d.messages)
+    d.send(signal.SIGHUP)
+    d.wait_notify("RELOADING=1", 10, after=mark)
+    d.wait_notify("READY=1", 10, after=mark)
+    d.wait_log("reload refused: configuration error; the old one stays")
+    assert d.proc.poll() is None
+    assert endpoints(box)["192.0.2.1"]["flags"] == {"subflow"}
+
+    d.write_config(cfg + "[plugins.addr_adv]\nflags = ['subflow', 'backup']\n")
+    for _ in range(5):  # a burst of SIGHUPs collapses
+        d.send(signal.SIGHUP)
+    wait_for(lambda: endpoints(box)["192.0.2.1"]["flags"] == {"subflow", "backup"},
+             what="reloaded flags")
+    assert d.proc.poll() is None
+    assert d.stop() == 0
+
+
+def test_more_than_eight_candidates_wait_and_are_promoted(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    for i in range(2, 12):
+        box.ip("addr", "add", f"192.0.2.{i}/24", "dev", "eth0")
+    d = daemons(box, daemon_config(str(tmp_path / "state"))).start()
+    # 8 slots, one taken by the admin's endpoint: 7 of ours.
+    wait_for(lambda: len(endpoints(box)) == 8)
+    ours = sorted(a for a in endpoints(box) if a != "203.0.113.99")
+    assert ours == sorted(f"192.0.2.{i}" for i in range(1, 8))
+    d.wait_log("endpoint waiting for a slot", addr="192.0.2.11")
+    box.ip("mptcp", "endpoint", "delete", "id", "99")  # the admin frees a slot
+    box.ip("addr", "del", "192.0.2.3/24", "dev", "eth0")
+    d.send(signal.SIGHUP)  # a reload resyncs (the kernel sends no endpoint events)
+    wait_for(lambda: {"192.0.2.8", "192.0.2.9"} <= set(endpoints(box)), what="promoted")
+    assert "192.0.2.3" not in endpoints(box)
+    assert len(endpoints(box)) == 8
+
+
+def test_default_route_added_later_makes_the_address_eligible_at_once(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    cfg = daemon_config(str(tmp_path / "state"),
+                        extra="[network]\nrequire_default_route = true\n")
+    d = daemons(box, cfg).start()
+    time.sleep(0.2)
+    assert "192.0.2.1" not in endpoints(box)
+    box.ip("route", "add", "default", "via", "192.0.2.254", "dev", "eth0")
+    wait_for(lambda: "192.0.2.1" in endpoints(box), timeout=2, what="eligible on route")
+    rules = box.ip("rule", "show")
+    assert "from 192.0.2.1 lookup 1" in rules
+    table = box.ip("route", "show", "table", "all")
+    assert "default via 192.0.2.254 dev eth0 table 100" in table
+    box.ip("route", "del", "default", "via", "192.0.2.254", "dev", "eth0")
+    wait_for(lambda: "192.0.2.1" not in endpoints(box), timeout=2, what="ineligible again")
+    assert "from 192.0.2.1" not in box.ip("rule", "show")
+    assert d.stop() == 0
+
+
+def test_another_path_manager_in_the_namespace_refuses_start(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    fake = box.popen(["python3", "-c", "open('/proc/self/comm','w').write('mptcpd');"
+                      "import time; time.sleep(30)"])
+    try:
+        wait_for(lambda: "mptcpd" in subprocess.run(
+            ["cat", f"/proc/{fake.pid}/comm"], capture_output=True, text=True).stdout
+            or any(open(f"/proc/{p}/comm").read().strip() == "mptcpd"
+                   for p in [fake.pid]), timeout=5)
+        d = daemons(box, daemon_config(str(tmp_path / "state")))
+        d.start(wait_ready=False)
+        assert d.proc.wait(timeout=20) == 1
+        assert "another path manager is running in this network namespace: mptcpd" in \
+            d.log_text()
+    finally:
+        fake.kill()
+        fake.wait()

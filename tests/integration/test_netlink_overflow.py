@@ -1,0 +1,137 @@
+"""Event streams under a burst: every event decoded, or the loss reported as
+ResyncNeeded, and the stream keeps going (the C mptcpd goes deaf here)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+
+from mptcpd_py.lab import Lab, Netns, TwoPaths, mptcp_listen
+from mptcpd_py.netlink.mptcp import MptcpEvents
+from mptcpd_py.netlink.rtnl import RtnlEvents
+from mptcpd_py.netlink.types import (
+    AddressEvent,
+    ConnectionEvent,
+    MptcpEventType,
+    ResyncNeeded,
+)
+
+
+def open_and_close_connections(client: Netns, listener: socket.socket, count: int) -> None:
+    """``count`` MPTCP connections, each connected, accepted and closed."""
+    host, port = listener.getsockname()[:2]
+    listener.settimeout(10)
+    socks = []
+    for _ in range(count):
+        s = client.socket(listener.family)
+        s.settimeout(10)
+        s.connect((host, port))
+        conn, _ = listener.accept()
+        socks.extend((s, conn))
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.close()
+
+
+async def test_burst_of_1000_connections_is_fully_decoded(two_paths: TwoPaths) -> None:
+    tp = two_paths
+    events = await MptcpEvents.open(netns=tp.client.name)
+    listener = mptcp_listen(tp.server, tp.server_addr(0))
+    try:
+        created = closed = resyncs = 0
+
+        async def read() -> None:
+            nonlocal created, closed, resyncs
+            async for event in events:
+                if isinstance(event, ResyncNeeded):
+                    resyncs += 1
+                elif event.type == MptcpEventType.CREATED:
+                    created += 1
+                elif event.type == MptcpEventType.CLOSED:
+                    closed += 1
+                if closed >= 1000:
+                    return
+
+        reader = asyncio.create_task(read())
+        await asyncio.to_thread(open_and_close_connections, tp.client, listener, 1000)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reader), 20)
+        reader.cancel()
+        assert events.malformed == 0
+        if resyncs == 0:
+            assert (created, closed) == (1000, 1000)
+        else:  # a loss is allowed only if it was reported
+            assert created + closed < 2000
+    finally:
+        listener.close()
+        events.close()
+
+
+async def test_mptcp_overflow_becomes_resync_and_stream_goes_on(two_paths: TwoPaths) -> None:
+    tp = two_paths
+    events = await MptcpEvents.open(netns=tp.client.name)
+    listener = mptcp_listen(tp.server, tp.server_addr(0))
+    try:
+        events.sock.set_rcvbuf(4096)
+        events.sock.pause_reading()
+        await asyncio.to_thread(open_and_close_connections, tp.client, listener, 300)
+        events.sock.resume_reading()
+
+        seen_resync = False
+        async def until_resync() -> None:
+            nonlocal seen_resync
+            async for event in events:
+                if isinstance(event, ResyncNeeded):
+                    seen_resync = True
+                    return
+        await asyncio.wait_for(until_resync(), 10)
+        assert seen_resync and events.sock.overflows >= 1
+
+        # Drain what is left, then prove the stream still delivers.
+        while events.get_nowait() is not None:
+            pass
+        await asyncio.to_thread(open_and_close_connections, tp.client, listener, 1)
+        async def next_created() -> ConnectionEvent:
+            async for event in events:
+                if isinstance(event, ConnectionEvent) and event.type == MptcpEventType.CREATED:
+                    return event
+            raise AssertionError("stream ended")
+        created = await asyncio.wait_for(next_created(), 5)
+        assert created.token != 0
+    finally:
+        listener.close()
+        events.close()
+
+
+async def test_rtnl_overflow_becomes_resync_and_stream_goes_on(lab: Lab) -> None:
+    ns = lab.netns("rt")
+    ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+    ns.ip("link", "set", "eth0", "up")
+    events = RtnlEvents.open(netns=ns.name)
+    try:
+        events.sock.set_rcvbuf(4096)
+        events.sock.pause_reading()
+        batch = "".join(f"address add 203.0.113.{i}/32 dev eth0\n" for i in range(1, 201))
+        subprocess.run(["ip", "-n", ns.name, "-batch", "-"], input=batch, text=True, check=True)
+        events.sock.resume_reading()
+
+        async def until_resync() -> None:
+            async for event in events:
+                if isinstance(event, ResyncNeeded):
+                    return
+        await asyncio.wait_for(until_resync(), 10)
+        while events.get_nowait() is not None:
+            pass
+        ns.ip("address", "add", "192.0.2.77/32", "dev", "eth0")
+
+        async def next_address() -> AddressEvent:
+            async for event in events:
+                if isinstance(event, AddressEvent) and str(event.address.address) == "192.0.2.77":
+                    return event
+            raise AssertionError("stream ended")
+        event = await asyncio.wait_for(next_address(), 5)
+        assert not event.removed
+    finally:
+        events.close()

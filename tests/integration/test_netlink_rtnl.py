@@ -1,0 +1,107 @@
+"""rtnetlink dumps and events against the real kernel, IPv4 and IPv6."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+from mptcpd_py.lab import Lab
+from mptcpd_py.netlink.rtnl import Rtnl, RtnlEvents
+from mptcpd_py.netlink.types import AddressEvent, LinkEvent, Route, RouteEvent, Rule
+
+A = ipaddress.ip_address
+N = ipaddress.ip_network
+
+
+async def wait_event(events: RtnlEvents, match: Callable[[Any], bool]) -> Any:
+    async def scan() -> Any:
+        async for event in events:
+            if match(event):
+                return event
+        raise AssertionError("stream ended")
+    return await asyncio.wait_for(scan(), 5)
+
+
+async def test_dumps_show_links_addresses_and_default_routes(lab: Lab) -> None:
+    ns = lab.netns("d")
+    ns.ip("link", "add", "wan0", "type", "veth", "peer", "name", "wan0p")
+    ns.ip("link", "set", "wan0", "up")
+    ns.ip("link", "set", "wan0p", "up")
+    ns.ip("addr", "add", "192.0.2.1/24", "dev", "wan0")
+    ns.ip("addr", "add", "2001:db8::1/64", "dev", "wan0", "nodad")
+    ns.ip("route", "add", "default", "via", "192.0.2.254", "dev", "wan0")
+    ns.ip("-6", "route", "add", "default", "via", "2001:db8::fe", "dev", "wan0")
+    rtnl = Rtnl.open(netns=ns.name)
+    try:
+        links = {link.name: link for link in await rtnl.links()}
+        assert links["lo"].loopback and links["wan0"].kind == "veth"
+        assert links["wan0"].up and links["wan0"].running
+        addrs = {str(a.address): a for a in await rtnl.addresses()}
+        assert addrs["192.0.2.1"].prefixlen == 24
+        assert addrs["192.0.2.1"].index == links["wan0"].index
+        assert addrs["2001:db8::1"].prefixlen == 64 and not addrs["2001:db8::1"].tentative
+        defaults = {(r.family, str(r.gateway)) for r in await rtnl.routes()
+                    if r.is_default and r.table == 254}
+        assert defaults == {(2, "192.0.2.254"), (10, "2001:db8::fe")}
+        assert any(r.table == 254 for r in await rtnl.rules())
+    finally:
+        rtnl.close()
+
+
+async def test_events_follow_links_addresses_and_routes(lab: Lab) -> None:
+    ns = lab.netns("e")
+    ns.ip("link", "add", "wan0", "type", "veth", "peer", "name", "wan0p")
+    events = RtnlEvents.open(netns=ns.name)
+    try:
+        ns.ip("link", "set", "wan0p", "up")
+        ns.ip("link", "set", "wan0", "up")
+        up = await wait_event(events, lambda e: isinstance(e, LinkEvent)
+                              and e.link.name == "wan0" and e.link.running)
+        assert not up.removed
+        for address, plen in (("198.51.100.7", 24), ("2001:db8:5::7", 64)):
+            ns.ip("addr", "add", f"{address}/{plen}", "dev", "wan0", "nodad")
+            added = await wait_event(events, lambda e, a=address: isinstance(e, AddressEvent)
+                                     and str(e.address.address) == a)
+            assert not added.removed and added.address.prefixlen == plen
+            ns.ip("addr", "del", f"{address}/{plen}", "dev", "wan0")
+            await wait_event(events, lambda e, a=address: isinstance(e, AddressEvent)
+                             and e.removed and str(e.address.address) == a)
+        ns.ip("addr", "add", "198.51.100.7/24", "dev", "wan0")
+        ns.ip("route", "add", "default", "via", "198.51.100.1", "dev", "wan0")
+        route = await wait_event(events, lambda e: isinstance(e, RouteEvent)
+                                 and e.route.is_default and e.route.family == 2)
+        assert route.route.gateway == A("198.51.100.1")
+        ns.ip("link", "set", "wan0", "down")
+        await wait_event(events, lambda e: isinstance(e, LinkEvent)
+                         and e.link.name == "wan0" and not e.link.up)
+        ns.ip("link", "del", "wan0")
+        await wait_event(events, lambda e: isinstance(e, LinkEvent) and e.removed)
+    finally:
+        events.close()
+
+
+async def test_route_and_rule_commands_in_a_private_table(lab: Lab) -> None:
+    ns = lab.netns("r")
+    ns.ip("link", "add", "wan0", "type", "veth", "peer", "name", "wan0p")
+    ns.ip("link", "set", "wan0", "up")
+    ns.ip("addr", "add", "203.0.113.5/24", "dev", "wan0")
+    ns.ip("addr", "add", "2001:db8:9::5/64", "dev", "wan0", "nodad")
+    rtnl = Rtnl.open(netns=ns.name)
+    try:
+        index = next(link.index for link in await rtnl.links() if link.name == "wan0")
+        for fam, dst, gw, src in ((2, "0.0.0.0/0", "203.0.113.1", "203.0.113.5/32"),
+                                  (10, "::/0", "2001:db8:9::1", "2001:db8:9::5/128")):
+            route = Route(family=fam, dst=N(dst), table=10007, gateway=A(gw), oif=index)
+            rule = Rule(family=fam, table=10007, priority=10007, src=N(src))
+            await rtnl.add_route(route)
+            await rtnl.add_rule(rule)
+            assert any(r.table == 10007 and r.gateway == A(gw) for r in await rtnl.routes())
+            assert rule in await rtnl.rules()
+            await rtnl.delete_rule(rule)
+            await rtnl.delete_route(route)
+            assert rule not in await rtnl.rules()
+        assert "10007" not in ns.ip("rule", "show")
+    finally:
+        rtnl.close()

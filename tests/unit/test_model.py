@@ -1,0 +1,142 @@
+"""The network model and the [network] eligibility rules (pure logic)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import replace
+
+from mptcpd_py.config import NetworkConfig
+from mptcpd_py.model import NetworkModel, ineligibility
+from mptcpd_py.netlink.types import (
+    IFF_LOOPBACK,
+    IFF_LOWER_UP,
+    IFF_RUNNING,
+    IFF_UP,
+    AddressEvent,
+    AddressFlags,
+    IfAddress,
+    Link,
+    LinkEvent,
+    Route,
+    RouteEvent,
+)
+
+A = ipaddress.ip_address
+UP = IFF_UP | IFF_RUNNING | IFF_LOWER_UP
+
+
+def link(index: int, name: str, flags: int = UP) -> Link:
+    return Link(index=index, name=name, flags=flags)
+
+
+def addr(index: int, text: str, flags: AddressFlags = AddressFlags.PERMANENT) -> IfAddress:
+    ip = A(text)
+    return IfAddress(index=index, address=ip, prefixlen=24 if ip.version == 4 else 64,
+                     flags=flags)
+
+
+def default_route(index: int, gw: str) -> Route:
+    ip = A(gw)
+    fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    dst = ipaddress.ip_network("0.0.0.0/0" if ip.version == 4 else "::/0")
+    return Route(family=fam, dst=dst, gateway=ip, oif=index)
+
+
+def model(cfg: NetworkConfig | None = None) -> NetworkModel:
+    m = NetworkModel(cfg or NetworkConfig(), devtype_reader=lambda name: "")
+    m.load([link(1, "lo", UP | IFF_LOOPBACK), link(2, "eth0"), link(3, "wlan0"),
+            link(4, "docker0"), link(5, "wwan0", IFF_UP)],
+           [addr(1, "127.0.0.1"), addr(2, "192.0.2.1"), addr(2, "fe80::1"),
+            addr(2, "2001:db8::1"), addr(2, "fd00::1"), addr(3, "198.51.100.1"),
+            addr(4, "203.0.113.1"), addr(5, "203.0.113.9")],
+           [default_route(2, "192.0.2.254")])
+    return m
+
+
+def eligible(m: NetworkModel) -> list[str]:
+    return [str(c.address.address) for c in m.snapshot().eligible]
+
+
+def reasons(m: NetworkModel) -> dict[str, str]:
+    return {str(k[1]): v for k, v in m.snapshot().ineligible.items()}
+
+
+def test_default_filter_keeps_global_addresses_of_running_included_links() -> None:
+    m = model()
+    assert eligible(m) == ["192.0.2.1", "2001:db8::1", "198.51.100.1"]
+    why = reasons(m)
+    assert why["127.0.0.1"] == "loopback"
+    assert why["fe80::1"] == "link-local"
+    assert why["fd00::1"] == "IPv6 unique local address"
+    assert why["203.0.113.1"] == "interface in [network] exclude"
+    assert why["203.0.113.9"] == "link down"
+
+
+def test_tentative_and_deprecated_addresses_wait() -> None:
+    cfg = NetworkConfig()
+    iface_model = model()
+    iface = iface_model.snapshot().interfaces[2]
+    tentative = addr(2, "2001:db8::7", AddressFlags.TENTATIVE)
+    deprecated = addr(2, "2001:db8::8", AddressFlags.DEPRECATED)
+    assert "tentative" in (ineligibility(tentative, iface, True, cfg) or "")
+    assert ineligibility(deprecated, iface, True, cfg) == "deprecated"
+    assert ineligibility(deprecated, iface, True, replace(cfg, skip_deprecated=False)) is None
+
+
+def test_link_down_and_up_change_eligibility() -> None:
+    m = model()
+    assert m.apply(LinkEvent(link(3, "wlan0", IFF_UP)))
+    assert "198.51.100.1" not in eligible(m)
+    assert m.apply(LinkEvent(link(3, "wlan0")))
+    assert "198.51.100.1" in eligible(m)
+    assert not m.apply(LinkEvent(link(3, "wlan0")))  # no change, no reconcile
+
+
+def test_address_events_add_and_remove_candidates() -> None:
+    m = model()
+    assert m.apply(AddressEvent(addr(3, "198.51.100.2")))
+    assert "198.51.100.2" in eligible(m)
+    assert m.apply(AddressEvent(addr(3, "198.51.100.2"), removed=True))
+    assert "198.51.100.2" not in eligible(m)
+    assert not m.apply(AddressEvent(addr(3, "198.51.100.2"), removed=True))
+
+
+def test_default_route_event_makes_an_address_eligible_when_required() -> None:
+    m = model(NetworkConfig(require_default_route=True))
+    assert eligible(m) == ["192.0.2.1"]
+    assert reasons(m)["198.51.100.1"] == "no default route on this interface"
+    assert m.apply(RouteEvent(default_route(3, "198.51.100.254")))
+    assert "198.51.100.1" in eligible(m)
+    assert m.snapshot().gateway(3, socket.AF_INET) == A("198.51.100.254")
+    assert m.apply(RouteEvent(default_route(3, "198.51.100.254"), removed=True))
+    assert "198.51.100.1" not in eligible(m)
+
+
+def test_link_removal_forgets_its_addresses_and_routes() -> None:
+    m = model()
+    assert m.apply(LinkEvent(link(2, "eth0"), removed=True))
+    assert eligible(m) == ["198.51.100.1"]
+    assert m.snapshot().gateway(2, socket.AF_INET) is None
+
+
+def test_include_order_is_the_priority_then_interface_order() -> None:
+    m = model(NetworkConfig(include=("wlan*", "*")))
+    assert eligible(m) == ["198.51.100.1", "192.0.2.1", "2001:db8::1"]
+
+
+def test_existing_false_ignores_addresses_present_at_start_until_readded() -> None:
+    m = NetworkModel(NetworkConfig(existing=False), devtype_reader=lambda name: "")
+    m.load([link(2, "eth0")], [addr(2, "192.0.2.1")], [], initial=True)
+    assert eligible(m) == []
+    m.apply(AddressEvent(addr(2, "192.0.2.1"), removed=True))
+    m.apply(AddressEvent(addr(2, "192.0.2.1")))
+    assert eligible(m) == ["192.0.2.1"]
+
+
+def test_snapshot_is_cached_until_a_change() -> None:
+    m = model()
+    first = m.snapshot()
+    assert m.snapshot() is first
+    m.apply(AddressEvent(addr(3, "198.51.100.3")))
+    assert m.snapshot() is not first and m.snapshot().generation > first.generation
