@@ -287,10 +287,8 @@ class Core:
             timeout = next_full - time.monotonic()
             if self.watchdog_interval:
                 timeout = min(timeout, self.watchdog_interval)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), max(timeout, 0.0))
-            except TimeoutError:
-                pass
             self.heartbeat()
             if time.monotonic() >= next_full:
                 self.request_reconcile("periodic resync", full=True)
@@ -323,6 +321,7 @@ class Core:
                 continue
             checked = self._validate_intents(state, result, net)
             if checked is not None:
+                self.host.succeeded(state)
                 proposed = checked
         return list(proposed)
 

@@ -18,6 +18,7 @@ Rules the plan follows:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,7 @@ from mptcpd_py.plugin import EndpointIntent
 from mptcpd_py.state import OwnedEndpoint, StateStore
 
 MAX_ENDPOINTS = 8
+ALL_KEPT = EndpointFlags(63) & ~EndpointFlags.IMPLICIT
 MAX_ID = 255
 Key = tuple[Address, int]
 
@@ -117,7 +119,7 @@ def plan(
     observed: Sequence[Endpoint],
     owned: Mapping[Key, OwnedEndpoint],
     *,
-    kept_flags: EndpointFlags = EndpointFlags(63) & ~EndpointFlags.IMPLICIT,
+    kept_flags: EndpointFlags = ALL_KEPT,
     max_endpoints: int = MAX_ENDPOINTS,
     next_id: int = 1,
     contested: frozenset[Key] = frozenset(),
@@ -216,7 +218,7 @@ class EndpointReconciler:
         store: StateStore,
         log: Any,
         *,
-        kept_flags: EndpointFlags = EndpointFlags(47),
+        kept_flags: EndpointFlags = ALL_KEPT,
         max_endpoints: int = MAX_ENDPOINTS,
         on_operation: Any = None,
         ifname_of: Any = None,
@@ -257,7 +259,7 @@ class EndpointReconciler:
         """One pass; ``full`` re-reads the kernel first. Re-plans (at most
         twice) when the kernel surprises it."""
         result = PassResult()
-        if full or not self.observed and self.owned:
+        if full or (not self.observed and self.owned):
             await self.resync()
         for _attempt in range(3):
             current = plan(
@@ -311,7 +313,8 @@ class EndpointReconciler:
                     await self.pm.set_endpoint_flags(rec.flags, id=rec.id)
                     self.owned[rec.key] = rec
                     self.observed = [
-                        replace(e, flags=(e.flags & ~CHANGEABLE_FLAGS) | (rec.flags & CHANGEABLE_FLAGS))
+                        replace(e, flags=(e.flags & ~CHANGEABLE_FLAGS)
+                                | (rec.flags & CHANGEABLE_FLAGS))
                         if e.id == rec.id else e for e in self.observed
                     ]
                     self.store.save()
@@ -368,10 +371,8 @@ class EndpointReconciler:
     async def remove_all(self) -> list[OwnedEndpoint]:
         """Delete every endpoint we own (shutdown with on_exit = "remove")."""
         removed = []
-        try:
+        with contextlib.suppress(KernelError):  # go on with what we know
             await self.resync()
-        except KernelError:
-            pass
         present, gone, _ = match_owned(self.observed, self.owned)
         for rec in gone:
             self.owned.pop(rec.key, None)

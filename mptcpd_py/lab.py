@@ -458,3 +458,119 @@ def daemon_config(state_dir: str, *, plugins: Sequence[str] = ("addr_adv", "back
     for key, value in daemon.items():
         lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines) + "\n" + extra
+
+
+class BulkTransfer:
+    """One MPTCP upload from ``client`` to ``server``: a sender thread writes
+    as fast as the paths take it, a receiver thread counts bytes."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, client: Netns, server: Netns, server_addr: str, *,
+                 max_seconds: float = 120.0) -> None:
+        import threading  # noqa: PLC0415
+
+        self.client = client
+        self.server = server
+        self.listener = mptcp_listen(server, "::" if ":" in server_addr else "0.0.0.0")
+        self.port = self.listener.getsockname()[1]
+        self.server_addr = server_addr
+        self.received = 0
+        self.sent = 0
+        self.error: BaseException | None = None
+        self.max_seconds = max_seconds
+        self._stop = threading.Event()
+        self._threads: list[Any] = []
+        self._threading = threading
+        self.client_sock: socket.socket | None = None
+        self.server_sock: socket.socket | None = None
+        self.closed_at: float | None = None
+        self.last_progress = 0.0
+        self.max_gap = 0.0
+
+    def reset_gap(self) -> None:
+        """Start measuring the longest pause in received data from now."""
+        self.max_gap = 0.0
+
+    def start(self) -> BulkTransfer:
+        pair = mptcp_connect(self.client, self.listener, address=self.server_addr)
+        self.client_sock, self.server_sock = pair.client, pair.server
+        self.server_sock.settimeout(1.0)
+        self.client_sock.settimeout(1.0)
+        for target in (self._send, self._receive):
+            thread = self._threading.Thread(target=target, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _send(self) -> None:
+        assert self.client_sock is not None
+        data = b"\0" * self.CHUNK
+        deadline = time.monotonic() + self.max_seconds
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                try:
+                    self.sent += self.client_sock.send(data)
+                except TimeoutError:
+                    continue
+        except OSError as exc:
+            self.error = exc
+
+    def _receive(self) -> None:
+        assert self.server_sock is not None
+        deadline = time.monotonic() + self.max_seconds + 5
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    chunk = self.server_sock.recv(1 << 20)
+                except TimeoutError:
+                    if self._stop.is_set():
+                        return
+                    continue
+                if not chunk:
+                    self.closed_at = time.monotonic()
+                    return
+                now = time.monotonic()
+                if self.last_progress:
+                    self.max_gap = max(self.max_gap, now - self.last_progress)
+                self.last_progress = now
+                self.received += len(chunk)
+        except OSError as exc:
+            self.error = exc
+
+    def alive(self) -> bool:
+        return self.error is None and self.closed_at is None
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for sock in (self.client_sock, self.server_sock, self.listener):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+
+def sample_rates(transfer: BulkTransfer, client: Netns, ifnames: Sequence[str],
+                 seconds: float, *, interval: float = 0.1,
+                 on_sample: Any = None) -> list[dict[str, float]]:
+    """Every ``interval``: Mbit/s received in total and sent per client interface."""
+    samples: list[dict[str, float]] = []
+    last_t = time.monotonic()
+    last_rx = transfer.received
+    last_tx = {name: client.link_bytes(name)[1] for name in ifnames}
+    end = last_t + seconds
+    while time.monotonic() < end:
+        time.sleep(interval)
+        now = time.monotonic()
+        rx = transfer.received
+        tx = {name: client.link_bytes(name)[1] for name in ifnames}
+        dt = now - last_t
+        sample = {"t": now, "total": (rx - last_rx) * 8 / dt / 1e6}
+        for name in ifnames:
+            sample[name] = (tx[name] - last_tx[name]) * 8 / dt / 1e6
+        samples.append(sample)
+        if on_sample is not None:
+            on_sample(sample)
+        last_t, last_rx, last_tx = now, rx, tx
+    return samples

@@ -7,11 +7,10 @@ protocol itself (one datagram to $NOTIFY_SOCKET). Without NOTIFY_SOCKET
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import time
-
-import importlib
 from typing import Any
 
 _sd_daemon: Any

@@ -86,7 +86,7 @@ class PluginHost:
                 result = await asyncio.wait_for(result, remaining)
                 if materialize and result is not None:
                     result = list(result)
-        except (PluginTimeout, asyncio.TimeoutError):
+        except (TimeoutError, PluginTimeout):
             self.fail(state, hook, f"hook {hook} took longer than {self.timeout:g}s")
             return FAILED
         except asyncio.CancelledError:
@@ -97,8 +97,12 @@ class PluginHost:
             self.fail(state, hook, f"hook {hook} raised {type(exc).__name__}: {exc}",
                       exc_info=exc)
             return FAILED
-        state.failures = 0
         return result
+
+    @staticmethod
+    def succeeded(state: PluginState) -> None:
+        """The caller found the hook's result valid: the failure streak ends."""
+        state.failures = 0
 
     def _timed(self, fn: Callable[..., Any], args: tuple[Any, ...], materialize: bool) -> Any:
         if not self._use_alarm:

@@ -12,6 +12,7 @@ are ``table_base + ifindex``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -62,8 +63,9 @@ def desired_routes(
         if gateway is None:
             continue
         addr = by_addr.get((index, ep.address))
-        subnet = str(addr.network) if addr is not None and addr.prefixlen < ep.address.max_prefixlen \
-            else ""
+        subnet = ""
+        if addr is not None and addr.prefixlen < ep.address.max_prefixlen:
+            subnet = str(addr.network)
         out[ep.address] = OwnedRoute(ep.address, index, cfg.table_base + index,
                                      cfg.rule_priority, gateway, subnet)
     return out
@@ -136,14 +138,10 @@ class SourceRouting:
         self.store.save()
         try:
             for route in _table_routes(r):
-                try:
+                with contextlib.suppress(EndpointExists):  # shared with another address
                     await self.rtnl.add_route(route)
-                except EndpointExists:
-                    pass  # shared table route already there
-            try:
+            with contextlib.suppress(EndpointExists):
                 await self.rtnl.add_rule(_rule(r))
-            except EndpointExists:
-                pass
         except KernelError as exc:
             self.owned.pop(r.address, None)
             self.store.save()
@@ -165,10 +163,8 @@ class SourceRouting:
         for route in _table_routes(r):
             if route in keep:
                 continue
-            try:
+            with contextlib.suppress(KernelError):  # gone with its link already
                 await self.rtnl.delete_route(route)
-            except KernelError:
-                pass  # gone with its link already
         self.owned.pop(r.address, None)
         self.store.save()
         self.log.info("source route removed", addr=str(r.address), table=r.table)

@@ -98,7 +98,8 @@ class UserspacePM:
                 self.table.listeners.discard(key)
             net = self.core.model.snapshot()
             for state in self.core.host.implementing(hook):
-                await self.core.host.call(state, hook, listener, net)
+                if await self.core.host.call(state, hook, listener, net) is not FAILED:
+                    self.core.host.succeeded(state)
             return
         if isinstance(event, UnknownMptcpEvent):
             return
@@ -132,11 +133,14 @@ class UserspacePM:
         for state in self.core.host.implementing(hook):
             ctx = ConnectionContext(rec.snapshot(), net, state.name)
             result = await self.core.host.call(state, hook, ctx, *extra)
-            if result is FAILED or not ctx.actions or not run_actions:
+            if result is FAILED:
                 continue
             problem = self._invalid(ctx.actions, rec, net)
             if problem:
                 self.core.host.fail(state, hook, f"invalid action: {problem}")
+                continue
+            self.core.host.succeeded(state)
+            if not run_actions:
                 continue
             for action in ctx.actions:
                 await self._execute(rec, action, net)
@@ -190,7 +194,7 @@ class UserspacePM:
                     return
                 if rec.pending.get(pair, 0.0) > now:
                     return
-                failures, not_before = rec.backoff.get(pair, (0, 0.0))
+                _failures, not_before = rec.backoff.get(pair, (0, 0.0))
                 if not_before > now:
                     return
                 local_id = rec.local_id(action.local)

@@ -49,7 +49,8 @@ class BackupCellular(Plugin):
     def endpoints(self, net: NetworkSnapshot, proposed: tuple[EndpointIntent, ...]
                   ) -> Iterable[EndpointIntent]:
         out = []
-        for intent in proposed:
+        for proposal in proposed:
+            intent = proposal
             iface = net.interfaces.get(intent.ifindex)
             if self._cellular(iface) and EndpointFlags.BACKUP not in intent.flags:
                 intent = intent.with_flags(intent.flags | EndpointFlags.BACKUP,

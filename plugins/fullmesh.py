@@ -39,7 +39,8 @@ class Fullmesh(Plugin):
     def endpoints(self, net: NetworkSnapshot, proposed: tuple[EndpointIntent, ...]
                   ) -> Iterable[EndpointIntent]:
         out = []
-        for intent in proposed:
+        for proposal in proposed:
+            intent = proposal
             if EndpointFlags.SUBFLOW in intent.flags and EndpointFlags.SIGNAL not in intent.flags \
                     and EndpointFlags.FULLMESH not in intent.flags:
                 intent = intent.with_flags(intent.flags | EndpointFlags.FULLMESH, "fullmesh")

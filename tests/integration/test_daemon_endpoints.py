@@ -5,7 +5,6 @@ crashes, deletions and reloads."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,6 +17,16 @@ def eth(ns: Netns, name: str = "eth0") -> None:
     ns.ip("link", "add", name, "type", "veth", "peer", "name", f"{name}p")
     ns.ip("link", "set", f"{name}p", "up")
     ns.ip("link", "set", name, "up")
+
+
+def _children(pid: int) -> list[int]:
+    """The process and its descendants (ip netns exec may fork)."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in children:
+            out.extend(_children(int(child)))
+    return out
 
 
 def endpoints(ns: Netns) -> dict[str, dict]:
@@ -178,10 +187,8 @@ def test_another_path_manager_in_the_namespace_refuses_start(
     fake = box.popen(["python3", "-c", "open('/proc/self/comm','w').write('mptcpd');"
                       "import time; time.sleep(30)"])
     try:
-        wait_for(lambda: "mptcpd" in subprocess.run(
-            ["cat", f"/proc/{fake.pid}/comm"], capture_output=True, text=True).stdout
-            or any(open(f"/proc/{p}/comm").read().strip() == "mptcpd"
-                   for p in [fake.pid]), timeout=5)
+        wait_for(lambda: any(Path(f"/proc/{pid}/comm").read_text().strip() == "mptcpd"
+                             for pid in _children(fake.pid)), timeout=5)
         d = daemons(box, daemon_config(str(tmp_path / "state")))
         d.start(wait_ready=False)
         assert d.proc.wait(timeout=20) == 1

@@ -1,0 +1,155 @@
+"""Plugins dropped in plugin_dirs: loaded like shipped ones, refused when
+unsafe, contained when they misbehave."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from mptcpd_py.lab import Lab, Netns, daemon_config, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def example_plugin_source() -> str:
+    """The complete example of docs/plugins.md, as the docs show it."""
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    (source,) = [b for b in blocks if "class PreferWired" in b]
+    return source
+
+
+@pytest.fixture
+def box(lab: Lab) -> Netns:
+    ns = lab.netns("plug")
+    for name, addr in (("eth0", "192.0.2.1/24"), ("wlan0", "198.51.100.1/24")):
+        ns.ip("link", "add", name, "type", "veth", "peer", "name", f"{name}p")
+        ns.ip("link", "set", f"{name}p", "up")
+        ns.ip("link", "set", name, "up")
+        ns.ip("addr", "add", addr, "dev", name)
+    return ns
+
+
+def flags(ns: Netns) -> dict[str, set[str]]:
+    return {row["address"]: row["flags"] for row in ns.endpoints()}
+
+
+def write_plugin(directory: Path, name: str, source: str, mode: int = 0o644) -> Path:
+    directory.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(directory, 0o755)
+    path = directory / name
+    path.write_text(source)
+    os.chmod(path, mode)
+    return path
+
+
+def test_documented_example_plugin_loads_from_a_dropin_dir_and_acts(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    plugdir = tmp_path / "plugins.d"
+    write_plugin(plugdir, "prefer_wired.py", example_plugin_source())
+    cfg = daemon_config(str(tmp_path / "state"), plugins=["addr_adv", "prefer_wired"],
+                        plugin_dirs=[str(plugdir)])
+    d = daemons(box, cfg).start()
+    wait_for(lambda: flags(box).get("198.51.100.1") == {"subflow", "backup"}, what="backup")
+    assert flags(box)["192.0.2.1"] == {"subflow"}
+    d.wait_log("plugin enabled", plugin="prefer_wired", origin=str(plugdir / "prefer_wired.py"))
+    box.ip("link", "set", "eth0", "down")  # cable out: Wi-Fi is no longer a backup
+    wait_for(lambda: flags(box).get("198.51.100.1") == {"subflow"}, what="backup dropped")
+    assert d.stop() == 0
+
+
+def test_group_writable_or_foreign_owned_plugin_files_are_refused(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    plugdir = tmp_path / "plugins.d"
+    write_plugin(plugdir, "prefer_wired.py", example_plugin_source(), mode=0o664)
+    other = write_plugin(plugdir, "other.py", example_plugin_source().replace(
+        '"prefer_wired"', '"other_owner"'))
+    os.chown(other, 65534, 65534)
+    cfg = daemon_config(str(tmp_path / "state"), plugins=["addr_adv"],
+                        plugin_dirs=[str(plugdir)])
+    d = daemons(box, cfg).start()
+    line = d.wait_log("plugin not loaded")
+    errors = " ".join(e["error"] for e in d.logs() if e["event"] == "plugin not loaded")
+    assert f"{plugdir}/prefer_wired.py: refused: writable by group (mode 0664)" in errors
+    assert f"{plugdir}/other.py: refused: owned by uid 65534, not root" in errors
+    assert line["level"] == "error"
+    wait_for(lambda: "192.0.2.1" in flags(box))  # the daemon serves on
+    assert d.stop() == 0
+
+
+FAULTY = {
+    "raises": """
+from mptcpd_py.plugin import Plugin
+class Raises(Plugin):
+    name = "raises"
+    def endpoints(self, net, proposed):
+        raise RuntimeError("boom")
+""",
+    "hangs": """
+import time
+from mptcpd_py.plugin import Plugin
+class Hangs(Plugin):
+    name = "hangs"
+    def endpoints(self, net, proposed):
+        while True:
+            time.sleep(0.01)
+""",
+    "nonsense": """
+from mptcpd_py.plugin import Plugin
+class Nonsense(Plugin):
+    name = "nonsense"
+    def endpoints(self, net, proposed):
+        return ["not an intent", 42]
+""",
+    "syntax": "def broken(:\n",
+    "missing_import": "import no_such_module_xyz\n",
+    "typo_hook": """
+from mptcpd_py.plugin import Plugin
+class Typo(Plugin):
+    name = "typo_hook"
+    def endpoint(self, net, proposed):
+        return proposed
+""",
+    "bad_signature": """
+from mptcpd_py.plugin import Plugin
+class BadSig(Plugin):
+    name = "bad_signature"
+    def endpoints(self, net):
+        return []
+""",
+}
+
+
+def test_faulty_plugins_are_contained_and_disabled_while_the_others_go_on(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    plugdir = tmp_path / "plugins.d"
+    for name, source in FAULTY.items():
+        write_plugin(plugdir, f"{name}.py", source)
+    cfg = daemon_config(str(tmp_path / "state"),
+                        plugins=["raises", "hangs", "addr_adv", "nonsense"],
+                        plugin_dirs=[str(plugdir)], plugin_timeout=0.2, plugin_max_failures=2,
+                        reconcile_interval=0.3)
+    d = daemons(box, cfg).start()
+    wait_for(lambda: {"192.0.2.1", "198.51.100.1"} <= set(flags(box)), what="endpoints")
+    for name in ("raises", "hangs", "nonsense"):
+        d.wait_log("plugin disabled", timeout=10, plugin=name)
+    logs = d.logs()
+    failures = " | ".join(e.get("error", "") for e in logs if e["event"] == "plugin failed")
+    assert "hook endpoints raised RuntimeError: boom" in failures
+    assert "hook endpoints took longer than 0.2s" in failures
+    assert "invalid result: returned str, not EndpointIntent" in failures
+    not_loaded = " | ".join(e["error"] for e in logs if e["event"] == "plugin not loaded")
+    assert f"{plugdir}/syntax.py:1: syntax error" in not_loaded
+    assert "missing_import.py: import failed: ModuleNotFoundError" in not_loaded
+    assert "plugin typo_hook" in not_loaded and "unknown hook 'endpoint'" in not_loaded
+    assert "hook endpoints(self, net) does not match the specification " \
+           "endpoints(self, net, proposed)" in not_loaded
+    assert not any("Traceback" in line for line in d.log_text().splitlines())
+    box.ip("addr", "add", "192.0.2.50/24", "dev", "eth0")  # still serving
+    wait_for(lambda: "192.0.2.50" in flags(box), what="new endpoint after failures")
+    d.send(signal.SIGTERM)
+    assert d.proc.wait(timeout=20) == 0
