@@ -48,15 +48,17 @@ class KernelError(MptcpdError):
     #: errno values this class stands for, used by :func:`kernel_error`.
     codes: tuple[int, ...] = ()
     summary = "kernel refused the request"
+    endpoint_specific = False
 
     def __init__(self, code: int, detail: str = "", command: str = "") -> None:
         self.errno = code
         self.detail = detail
         self.command = command
-        # The summaries speak of endpoints; other commands get the plain errno text.
-        endpointish = not command or "endpoint" in command or type(self) in (
-            KernelError, PermissionDenied, MptcpDisabled, InvalidArgument)
-        text = self.summary if endpointish else _os.strerror(code).lower()
+        # Endpoint-specific summaries fit endpoint commands only; a route or a
+        # dump that fails with EEXIST / EBUSY gets the plain errno text.
+        text = self.summary
+        if self.endpoint_specific and command and "endpoint" not in command:
+            text = _os.strerror(code).lower()
         if command:
             text = f"{command}: {text}"
         reason = detail or _errno.errorcode.get(code, str(code))
@@ -64,20 +66,24 @@ class KernelError(MptcpdError):
 
 
 class EndpointExists(KernelError):
+    endpoint_specific = True
     codes = (_errno.EEXIST,)
     summary = "endpoint already exists"
 
 
 class EndpointIdBusy(KernelError):
+    endpoint_specific = True
     codes = (_errno.EBUSY,)
     summary = "endpoint id already in use"
 
 
 class NoSuchEndpoint(KernelError):
+    endpoint_specific = True
     summary = "no such endpoint"
 
 
 class EndpointTableFull(KernelError):
+    endpoint_specific = True
     codes = (_errno.ERANGE,)
     summary = "endpoint table full (the in-kernel path manager holds 8 per namespace)"
 
