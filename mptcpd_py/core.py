@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -91,7 +92,7 @@ class Monitor:
 class Core:
     def __init__(self, config: Config, available: dict[str, Available], *,
                  netns: str | None = None, log: Any = None,
-                 rtnl_rcvbuf: int = 16 << 20, mptcp_rcvbuf: int = 16 << 20) -> None:
+                 rtnl_rcvbuf: int | None = None, mptcp_rcvbuf: int | None = None) -> None:
         self.config = config
         self.available = available
         self.netns = netns
@@ -102,8 +103,11 @@ class Core:
         self.model = NetworkModel(config.network)
         self.host = PluginHost(config.daemon.plugin_timeout, config.daemon.plugin_max_failures,
                                self.log, on_failure=self._plugin_failed)
-        self.rtnl_rcvbuf = rtnl_rcvbuf
-        self.mptcp_rcvbuf = mptcp_rcvbuf
+        # MPTCPD_PY_TEST_EVENT_RCVBUF (bytes) shrinks both event sockets: a
+        # test-only knob to force ENOBUFS on demand.
+        forced = int(os.environ.get("MPTCPD_PY_TEST_EVENT_RCVBUF", "0") or 0)
+        self.rtnl_rcvbuf = rtnl_rcvbuf or forced or 16 << 20
+        self.mptcp_rcvbuf = mptcp_rcvbuf or forced or 16 << 20
         self.caps: Capabilities | None = None
         self.pm: MptcpPM | None = None
         self.rtnl: Rtnl | None = None

@@ -245,13 +245,15 @@ class TwoPaths:
         self.client.ip("addr", "add", f"{c4}/24", "dev", self.ifnames[path])
         self.client.ip("addr", "add", f"{c6}/64", "dev", self.ifnames[path], "nodad")
 
-    def add_default_routes(self, path: int) -> None:
+    def add_default_routes(self, path: int, *, v6: bool = True) -> None:
+        """The path's default routes (a link that went down lost its IPv4 one)."""
         (_, s4), (_, s6) = self.V4[path], self.V6[path]
         metric = str(100 * (path + 1))
-        self.client.ip("route", "add", "default", "via", s4, "dev", self.ifnames[path],
+        self.client.ip("route", "replace", "default", "via", s4, "dev", self.ifnames[path],
                        "metric", metric)
-        self.client.ip("-6", "route", "add", "default", "via", s6, "dev", self.ifnames[path],
-                       "metric", metric)
+        if v6:
+            self.client.ip("-6", "route", "replace", "default", "via", s6, "dev",
+                           self.ifnames[path], "metric", metric)
 
     def server_addr(self, path: int, version: int = 4) -> str:
         return (self.V4 if version == 4 else self.V6)[path][1]
@@ -574,3 +576,54 @@ def sample_rates(transfer: BulkTransfer, client: Netns, ifnames: Sequence[str],
             on_sample(sample)
         last_t, last_rx, last_tx = now, rx, tx
     return samples
+
+
+def diag_subflows(ns: Netns) -> list[Any]:
+    """Every MPTCP subflow in ``ns`` (sock_diag, as ``ss -M`` sees them)."""
+    import asyncio  # noqa: PLC0415
+
+    from mptcpd_py.netlink.diag import SockDiag  # noqa: PLC0415
+
+    async def dump() -> list[Any]:
+        diag = SockDiag(ns.name)
+        try:
+            return await diag.subflows()
+        finally:
+            diag.close()
+    return asyncio.run(dump())
+
+
+def subflows_by_token(ns: Netns) -> dict[int, list[Any]]:
+    out: dict[int, list[Any]] = {}
+    for sub in diag_subflows(ns):
+        out.setdefault(sub.token, []).append(sub)
+    return out
+
+
+def open_connections(client: Netns, listener: socket.socket, address: str, count: int,
+                     *, timeout: float = 30.0) -> list[MptcpPair]:
+    """``count`` established MPTCP connections (connect all, then accept all),
+    each with one byte from the server so the client side sees ESTABLISHED."""
+    port = listener.getsockname()[1]
+    clients = []
+    deadline = time.monotonic() + timeout
+    for _ in range(count):
+        sock = client.socket(listener.family)
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+        clients.append(sock)
+    listener.settimeout(max(0.1, deadline - time.monotonic()))
+    pairs = []
+    for sock in clients:
+        conn, _ = listener.accept()
+        conn.settimeout(timeout)
+        conn.sendall(b"!")
+        pairs.append(MptcpPair(sock, conn, listener))
+    return pairs
+
+
+def close_connections(pairs: Sequence[MptcpPair]) -> None:
+    for pair in pairs:
+        for sock in (pair.client, pair.server):
+            with contextlib.suppress(OSError):
+                sock.close()

@@ -146,12 +146,30 @@ class UserspacePM:
                 await self._execute(rec, action, net)
 
     async def network_changed(self, net: NetworkSnapshot) -> None:
+        """A path that went away takes its subflows and announcements with it
+        (as deleting an endpoint does for the in-kernel PM); then the plugins
+        see the new network."""
+        for rec in list(self.table.connections.values()):
+            await self._prune_dead_paths(rec, net)
         if not self.core.host.implementing("network_changed"):
             return
         for rec in list(self.table.connections.values()):
             if rec.established and rec.token in self.table.connections:
                 rec.backoff.clear()
                 await self._run_hook(rec, "network_changed", ())
+
+    async def _prune_dead_paths(self, rec: ConnectionRecord, net: NetworkSnapshot) -> None:
+        usable = {a.address for a in net.addresses
+                  if (iface := net.interfaces.get(a.index)) is not None and iface.running}
+        for sub in list(rec.subflows.values()):
+            if sub.local not in usable:
+                await self._execute(rec, Action("destroy_subflow", rec.token, sub.local,
+                                                sub.local_port, sub.remote, sub.remote_port,
+                                                plugin="core", reason="path gone"), net)
+        for _id, (address, _port) in list(rec.announced.items()):
+            if address not in usable:
+                await self._execute(rec, Action("remove", rec.token, address, plugin="core",
+                                                reason="path gone"), net)
 
     # ------------------------------------------------------------------ actions
 

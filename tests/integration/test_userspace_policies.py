@@ -1,0 +1,218 @@
+"""The userspace path manager with live connections: fullmesh, sspi,
+backup_cellular and server-side announcements, and bursts of connections."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from mptcpd_py.lab import (
+    BulkTransfer,
+    Lab,
+    TwoPaths,
+    close_connections,
+    daemon_config,
+    mptcp_connect,
+    mptcp_listen,
+    open_connections,
+    shape,
+    subflows_by_token,
+    wait_for,
+)
+
+USERSPACE = '[kernel]\npath_manager = "userspace"\n'
+
+
+def client_token(tp: TwoPaths, local_port: int) -> int:
+    def find() -> int | None:
+        for token, subs in subflows_by_token(tp.client).items():
+            if any(s.local_port == local_port for s in subs):
+                return token
+        return None
+    token: int = wait_for(find, 5, what="connection in sock_diag")
+    return token
+
+
+def test_userspace_fullmesh_opens_every_local_remote_pair(
+        lab: Lab, daemons, tmp_path: Path) -> None:
+    tp = TwoPaths(lab)
+    tp.server.ip("mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "8")
+    tp.server.ip("mptcp", "endpoint", "add", "198.51.100.2", "signal")  # announced to clients
+    d = daemons(tp.client, daemon_config(str(tmp_path / "state"), plugins=["fullmesh"],
+                                         extra=USERSPACE)).start()
+    listener = mptcp_listen(tp.server, "0.0.0.0")
+    pair = mptcp_connect(tp.client, listener, address="192.0.2.2")
+    pair.server.sendall(b"go")
+    token = client_token(tp, pair.client.getsockname()[1])
+
+    def pairs() -> set[tuple[str, str]]:
+        return {(str(s.local), str(s.remote)) for s in subflows_by_token(tp.client)[token]}
+    expected = {(c, s) for c in ("192.0.2.1", "198.51.100.1")
+                for s in ("192.0.2.2", "198.51.100.2")}
+    wait_for(lambda: pairs() == expected, 10, what=f"4 subflows, have {pairs()}")
+    # A path that goes away and comes back gets its subflows again.
+    tp.client.ip("link", "set", tp.ifnames[1], "down")
+    wait_for(lambda: all(c != "198.51.100.1" for c, _ in pairs()), 10, what="path gone")
+    tp.client.ip("link", "set", tp.ifnames[1], "up")
+    tp.add_default_routes(1, v6=False)
+    wait_for(lambda: pairs() == expected, 10, what=f"subflows back, have {pairs()}")
+    assert len(subflows_by_token(tp.client)[token]) == 4
+    pair.close()
+    assert d.stop() == 0
+    assert d.errors() == []
+
+
+@pytest.mark.timeout(300)
+def test_bursts_of_1000_connections_all_get_their_subflow(
+        lab: Lab, daemons, tmp_path: Path) -> None:
+    tp = TwoPaths(lab)
+    tp.server.ip("mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "0")
+    d = daemons(tp.client, daemon_config(str(tmp_path / "state"), plugins=["fullmesh"],
+                                         extra=USERSPACE)).start()
+    listener = mptcp_listen(tp.server, "0.0.0.0", backlog=4096)
+    for burst in range(5):
+        pairs = open_connections(tp.client, listener, "192.0.2.2", 1000)
+        ports = {p.client.getsockname()[1] for p in pairs}
+
+        def complete() -> bool:
+            mine = [subs for subs in subflows_by_token(tp.client).values()
+                    if any(s.local_port in ports and str(s.local) == "192.0.2.1"
+                           and s.local_id == 0 for s in subs)]
+            return len(mine) == 1000 and all(
+                any(str(s.local) == "198.51.100.1" for s in subs) for subs in mine)
+        wait_for(complete, 60, interval=0.2, what=f"burst {burst}: every connection meshed")
+        close_connections(pairs)
+        wait_for(lambda: not subflows_by_token(tp.client), 30, interval=0.2,
+                 what="connections closed")
+    assert d.proc.poll() is None
+    assert d.stop() == 0
+
+
+def test_sspi_opens_one_subflow_per_interface(lab: Lab, daemons, tmp_path: Path) -> None:
+    tp = TwoPaths(lab)
+    tp.server.ip("mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "8")
+    tp.server.ip("mptcp", "endpoint", "add", "198.51.100.2", "signal")
+    # Two addresses on the second interface: still one subflow over it.
+    tp.client.ip("addr", "add", "198.51.100.11/24", "dev", tp.ifnames[1])
+    d = daemons(tp.client, daemon_config(str(tmp_path / "state"), plugins=["sspi"],
+                                         extra=USERSPACE)).start()
+    listener = mptcp_listen(tp.server, "0.0.0.0")
+    pair = mptcp_connect(tp.client, listener, address="192.0.2.2")
+    pair.server.sendall(b"go")
+    token = client_token(tp, pair.client.getsockname()[1])
+
+    def locals_() -> list[str]:
+        return sorted(str(s.local) for s in subflows_by_token(tp.client).get(token, []))
+    wait_for(lambda: locals_() == ["192.0.2.1", "198.51.100.1"], 10, what=f"have {locals_()}")
+    time.sleep(0.3)  # and no second subflow on the same interface follows
+    assert locals_() == ["192.0.2.1", "198.51.100.1"]
+    tp.client.ip("link", "set", tp.ifnames[1], "down")
+    wait_for(lambda: locals_() == ["192.0.2.1"], 10, what="subflow gone with its link")
+    tp.client.ip("link", "set", tp.ifnames[1], "up")
+    wait_for(lambda: len(locals_()) == 2, 10, what=f"one subflow back, have {locals_()}")
+    assert locals_()[0] == "192.0.2.1" and locals_()[1].startswith("198.51.100.")
+    pair.close()
+    assert d.stop() == 0
+    assert d.errors() == []
+
+
+def test_server_announces_its_other_addresses_to_each_client(
+        lab: Lab, daemons, tmp_path: Path) -> None:
+    tp = TwoPaths(lab)
+    # The client: plain in-kernel PM that accepts announcements.
+    tp.client.ip("mptcp", "limits", "set", "subflows", "4", "add_addr_accepted", "4")
+    d = daemons(tp.server, daemon_config(str(tmp_path / "state"), plugins=["server_announce"],
+                                         extra=USERSPACE)).start()
+    listener = mptcp_listen(tp.server, "0.0.0.0")
+    pairs = [mptcp_connect(tp.client, listener, address="192.0.2.2") for _ in range(3)]
+    for pair in pairs:
+        pair.client.sendall(b"hello")  # server side ESTABLISHED
+        pair.server.recv(5)
+
+    def remotes() -> dict[int, set[str]]:
+        return {token: {str(s.remote) for s in subs}
+                for token, subs in subflows_by_token(tp.client).items()}
+    wait_for(lambda: len(remotes()) == 3 and all(
+        r == {"192.0.2.2", "198.51.100.2"} for r in remotes().values()), 10,
+        what=f"a subflow to the announced address on every connection, have {remotes()}")
+    for pair in pairs:
+        pair.close()
+    assert d.stop() == 0
+    assert d.errors() == []
+
+
+@pytest.mark.parametrize("mode", ["kernel", "userspace"])
+def test_backup_cellular_carries_data_only_when_the_primary_is_down(
+        lab: Lab, daemons, tmp_path: Path, mode: str) -> None:
+    tp = TwoPaths(lab, ifnames=("eth0", "wwan0"))
+    for ifname in tp.ifnames:
+        shape(tp.client, ifname, 20)
+    tp.server.ip("mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "8")
+    plugins = ["addr_adv", "backup_cellular"] if mode == "kernel" else \
+        ["fullmesh", "backup_cellular"]
+    extra = USERSPACE if mode == "userspace" else ""
+    d = daemons(tp.client, daemon_config(str(tmp_path / "state"), plugins=plugins,
+                                         extra=extra)).start()
+    if mode == "kernel":
+        wait_for(lambda: any(r["address"] == "198.51.100.1" and "backup" in r["flags"]
+                             for r in tp.client.endpoints()), what="wwan0 backup endpoint")
+    transfer = BulkTransfer(tp.client, tp.server, tp.server_addr(0)).start()
+
+    def carried(seconds: float = 1.5) -> dict[str, int]:
+        before = {i: tp.client.link_bytes(i)[1] for i in tp.ifnames}
+        time.sleep(seconds)
+        return {i: tp.client.link_bytes(i)[1] - before[i] for i in tp.ifnames}
+    try:
+        wait_for(lambda: any(s.backup and str(s.local) == "198.51.100.1"
+                             for subs in subflows_by_token(tp.client).values() for s in subs),
+                 10, what="backup subflow over wwan0")
+        time.sleep(0.5)
+        primary = carried()
+        assert primary["eth0"] > 2_000_000 and primary["wwan0"] < 100_000, primary
+        tp.client.ip("link", "set", "eth0", "down")
+        time.sleep(0.5)
+        cellular = carried()
+        assert cellular["wwan0"] > 1_000_000, cellular
+        assert transfer.alive()
+        tp.client.ip("link", "set", "eth0", "up")
+        tp.add_default_routes(0, v6=False)
+        wait_for(lambda: carried(0.5)["eth0"] > 300_000, 10, what="traffic back on eth0")
+        time.sleep(0.5)
+        back = carried()
+        assert back["eth0"] > 2_000_000 and back["wwan0"] < 100_000, back
+        assert transfer.alive(), transfer.error
+    finally:
+        transfer.stop()
+    assert d.stop() == 0
+
+
+@pytest.mark.timeout(300)
+def test_event_overflow_is_survived_and_every_connection_still_gets_its_subflow(
+        lab: Lab, daemons, tmp_path: Path) -> None:
+    """Event sockets shrunk to 4 KiB (a test-only knob): bursts overflow them;
+    the daemon rebuilds its connection table from sock_diag and carries on."""
+    tp = TwoPaths(lab)
+    tp.server.ip("mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "0")
+    d = daemons(tp.client, daemon_config(str(tmp_path / "state"), plugins=["fullmesh"],
+                                         extra=USERSPACE),
+                env={"MPTCPD_PY_TEST_EVENT_RCVBUF": "4096"}).start()
+    listener = mptcp_listen(tp.server, "0.0.0.0", backlog=4096)
+    for burst in range(3):
+        pairs = open_connections(tp.client, listener, "192.0.2.2", 1000)
+        ports = {p.client.getsockname()[1] for p in pairs}
+
+        def meshed() -> int:
+            return sum(1 for subs in subflows_by_token(tp.client).values()
+                       if any(s.local_port in ports and s.local_id == 0 for s in subs)
+                       and any(str(s.local) == "198.51.100.1" for s in subs))
+        wait_for(lambda: meshed() == 1000, 60, interval=0.2,
+                 what=f"burst {burst}: every connection meshed")
+        close_connections(pairs)
+        wait_for(lambda: not subflows_by_token(tp.client), 30, interval=0.2)
+    resyncs = [e for e in d.logs() if e["event"] == "MPTCP events lost; resyncing"]
+    assert resyncs, "the 4 KiB buffer never overflowed: the test proves nothing"
+    d.wait_log("connection table rebuilt")
+    assert d.proc.poll() is None
+    assert d.stop() == 0
