@@ -54,6 +54,8 @@ def build_parser() -> Parser:
     demo.add_argument("--rate", type=float, default=50.0, help="Mbit/s per path (default 50)")
     demo.add_argument("--seconds", type=float, default=5.0,
                       help="length of each transfer phase (default 5)")
+    demo.add_argument("--summary-json", metavar="PATH",
+                      help="also write the phases' figures as JSON to PATH")
     return parser
 
 
@@ -103,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from mptcpd_py.demo import run_demo  # noqa: PLC0415
 
-            return run_demo(rate=args.rate, seconds=args.seconds)
+            code: int = run_demo(rate=args.rate, seconds=args.seconds,
+                                 summary_path=args.summary_json)
+            return code
     except KeyboardInterrupt:
         return 130
     except MptcpdError as exc:

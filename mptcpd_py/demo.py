@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
 
@@ -100,9 +101,10 @@ def _log_time(entry: dict[str, Any]) -> float:
 
 
 class Demo:
-    def __init__(self, rate: float, seconds: float) -> None:
+    def __init__(self, rate: float, seconds: float, summary_path: str | None = None) -> None:
         self.rate = rate
         self.seconds = seconds
+        self.summary_path = summary_path
         self.screen = Screen()
         self.phases: list[Phase] = []
         self.lab: Lab | None = None
@@ -265,6 +267,10 @@ class Demo:
         stall = max(p.stall or 0.0 for p in self.phases)
         ok = all(p.alive for p in self.phases) and gain >= 1.8
         verdict = s.c(GREEN, "OK") if ok else s.c(RED, "UNEXPECTED")
+        if self.summary_path:
+            with open(self.summary_path, "w") as f:
+                json.dump({"gain": gain, "longest_stall": stall, "ok": ok,
+                           "phases": [asdict(p) for p in self.phases]}, f, indent=1)
         s.say(f"\n      two paths give {gain:.2f} x one path's throughput; longest stall "
               f"{stall:.3f} s; the connection survived every change: {verdict}")
         self.transfer.stop()
@@ -285,14 +291,14 @@ class Demo:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def run_demo(rate: float = 50.0, seconds: float = 5.0) -> int:
+def run_demo(rate: float = 50.0, seconds: float = 5.0, summary_path: str | None = None) -> int:
     if os.geteuid() != 0:
         print("mptcpd-py demo: run as root (it creates network namespaces)", file=sys.stderr)
         return 77
     if not os.path.exists("/proc/sys/net/mptcp"):
         print("mptcpd-py demo: this kernel has no MPTCP", file=sys.stderr)
         return 69
-    demo = Demo(rate, seconds)
+    demo = Demo(rate, seconds, summary_path)
     try:
         return demo.run()
     except (LabError, TimeoutError) as exc:

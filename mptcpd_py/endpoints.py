@@ -262,6 +262,11 @@ class EndpointReconciler:
         if full or (not self.observed and self.owned):
             await self.resync()
         for _attempt in range(3):
+            # Forget what vanished first, so this very pass knows whether the
+            # address is now contested.
+            _present, gone, _foreign = match_owned(self.observed, self.owned)
+            if gone:
+                self._forget(gone, result)
             current = plan(
                 desired, self.observed, self.owned, kept_flags=self.kept_flags,
                 max_endpoints=self.max_endpoints, next_id=self.store.state.next_id,

@@ -1,0 +1,260 @@
+"""The endpoint planner (pure) and the reconciler against a fake kernel
+that injects the refusals a real one gives only by accident."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mptcpd_py.endpoints import ADD, DELETE, SET_FLAGS, EndpointReconciler, plan
+from mptcpd_py.errors import EndpointExists, EndpointIdBusy, EndpointTableFull, KernelError, \
+    NoSuchEndpoint
+from mptcpd_py.netlink.types import Endpoint, EndpointFlags, Limits
+from mptcpd_py.plugin import EndpointIntent
+from mptcpd_py.state import OwnedEndpoint, StateStore
+
+F = EndpointFlags
+A = ipaddress.ip_address
+
+
+def want(addr: str, flags: EndpointFlags = F.SUBFLOW, ifindex: int = 2, prio: int = 0
+         ) -> EndpointIntent:
+    return EndpointIntent(A(addr), ifindex, flags, priority=(prio, int(A(addr))), plugin="t")
+
+
+def owned(id: int, addr: str, flags: EndpointFlags = F.SUBFLOW, ifindex: int = 2
+          ) -> OwnedEndpoint:
+    return OwnedEndpoint(id, A(addr), 0, flags, ifindex, "t")
+
+
+def ep(id: int, addr: str, flags: EndpointFlags = F.SUBFLOW, ifindex: int = 2) -> Endpoint:
+    return Endpoint(id, A(addr), flags, ifindex)
+
+
+def kinds(p: Any) -> list[tuple[str, str, int]]:
+    return [(op.kind, str(op.endpoint.address), op.endpoint.id) for op in p.operations]
+
+
+def test_new_address_is_added_with_a_fresh_id_past_the_cursor() -> None:
+    p = plan([want("192.0.2.1")], [ep(1, "203.0.113.9", F.SIGNAL)], {}, next_id=1)
+    assert kinds(p) == [(ADD, "192.0.2.1", 2)]
+    assert p.next_id == 3
+
+
+def test_foreign_endpoints_are_never_touched_even_for_a_wanted_address() -> None:
+    foreign = ep(5, "192.0.2.1", F.SIGNAL)
+    p = plan([want("192.0.2.1")], [foreign, ep(6, "198.51.100.1")], {})
+    assert p.operations == ()
+    assert [i.address for i in p.foreign] == [A("192.0.2.1")]
+
+
+def test_implicit_kernel_endpoint_is_replaced_by_an_add() -> None:
+    p = plan([want("192.0.2.1")], [ep(3, "192.0.2.1", F.IMPLICIT)], {})
+    assert kinds(p) == [(ADD, "192.0.2.1", 1)]
+
+
+def test_owned_endpoint_no_longer_wanted_is_deleted_and_kept_ones_stay() -> None:
+    mine = {o.key: o for o in (owned(1, "192.0.2.1"), owned(2, "192.0.2.2"))}
+    p = plan([want("192.0.2.1")], [ep(1, "192.0.2.1"), ep(2, "192.0.2.2")], mine)
+    assert kinds(p) == [(DELETE, "192.0.2.2", 2)]
+    assert [k.id for k in p.kept] == [1]
+
+
+def test_backup_change_is_set_flags_but_signal_change_is_delete_then_add() -> None:
+    mine = {o.key: o for o in (owned(1, "192.0.2.1"), owned(2, "192.0.2.2"))}
+    observed = [ep(1, "192.0.2.1"), ep(2, "192.0.2.2")]
+    p = plan([want("192.0.2.1", F.SUBFLOW | F.BACKUP), want("192.0.2.2", F.SIGNAL)],
+             observed, mine, next_id=3)
+    assert kinds(p) == [(DELETE, "192.0.2.2", 2), (SET_FLAGS, "192.0.2.1", 1),
+                        (ADD, "192.0.2.2", 3)]
+    assert p.operations[1].old_flags == F.SUBFLOW
+
+
+def test_device_change_is_delete_then_add() -> None:
+    mine = {owned(1, "192.0.2.1", ifindex=2).key: owned(1, "192.0.2.1", ifindex=2)}
+    p = plan([want("192.0.2.1", ifindex=3)], [ep(1, "192.0.2.1", ifindex=2)], mine, next_id=2)
+    assert kinds(p) == [(DELETE, "192.0.2.1", 1), (ADD, "192.0.2.1", 2)]
+
+
+def test_owned_record_whose_id_now_has_another_address_is_forgotten_not_deleted() -> None:
+    mine = {owned(1, "192.0.2.1").key: owned(1, "192.0.2.1")}
+    p = plan([], [ep(1, "198.51.100.5")], mine)
+    assert p.operations == ()
+    assert [f.id for f in p.forgotten] == [1]
+
+
+def test_eight_slots_go_by_priority_foreign_ones_count_and_the_rest_wait() -> None:
+    wanted = [want(f"192.0.2.{i}", prio=i) for i in range(1, 11)]
+    p = plan(wanted, [ep(200, "203.0.113.1", F.SIGNAL)], {})
+    added = [str(op.endpoint.address) for op in p.operations]
+    assert added == [f"192.0.2.{i}" for i in range(1, 8)]
+    assert [str(i.address) for i in p.waiting] == ["192.0.2.8", "192.0.2.9", "192.0.2.10"]
+
+
+def test_higher_priority_newcomer_evicts_the_lowest_owned_endpoint() -> None:
+    mine = {o.key: o for o in (owned(i, f"192.0.2.{i}") for i in range(1, 9))}
+    observed = [ep(i, f"192.0.2.{i}") for i in range(1, 9)]
+    wanted = [want(f"192.0.2.{i}", prio=i) for i in range(1, 9)] + [want("198.51.100.1", prio=0)]
+    p = plan(wanted, observed, mine, next_id=9)
+    assert kinds(p) == [(DELETE, "192.0.2.8", 8), (ADD, "198.51.100.1", 9)]
+    assert p.operations[0].reason.startswith("evicted")
+
+
+def test_flags_the_kernel_does_not_keep_are_masked_to_avoid_endless_churn() -> None:
+    mine = {owned(1, "192.0.2.1").key: owned(1, "192.0.2.1")}
+    p = plan([want("192.0.2.1", F.SUBFLOW | F.LAMINAR)], [ep(1, "192.0.2.1")], mine,
+             kept_flags=F.SIGNAL | F.SUBFLOW | F.BACKUP | F.FULLMESH)
+    assert p.operations == ()
+
+
+def test_ids_wrap_after_255_and_skip_used_ones() -> None:
+    p = plan([want("192.0.2.1"), want("192.0.2.2")], [ep(255, "203.0.113.1"), ep(1, "203.0.113.2")],
+             {}, next_id=255)
+    assert [op.endpoint.id for op in p.operations] == [2, 3]
+
+
+def test_contested_address_waits_instead_of_being_re_added() -> None:
+    intent = want("192.0.2.1")
+    p = plan([intent], [], {}, contested=frozenset({intent.key}))
+    assert p.operations == () and p.waiting == (intent,)
+
+
+# ----------------------------------------------------------------- reconciler
+
+
+class FakeKernel:
+    """Endpoints in a dict; ``fail`` maps an operation to an exception to raise once."""
+
+    def __init__(self) -> None:
+        self.eps: dict[int, Endpoint] = {}
+        self.fail: dict[tuple[str, str], KernelError] = {}
+        self.calls: list[tuple[str, Any]] = []
+
+    def _maybe_fail(self, op: str, addr: Any) -> None:
+        exc = self.fail.pop((op, str(addr)), None)
+        if exc is not None:
+            raise exc
+
+    async def add_endpoint(self, address: Any, flags: EndpointFlags = F.NONE, *, id: int = 0,
+                           ifindex: int = 0, port: int = 0) -> Endpoint:
+        self.calls.append(("add", (str(address), id)))
+        self._maybe_fail("add", address)
+        if any(e.address == address for e in self.eps.values()):
+            raise EndpointExists(errno.EEXIST, "", "add endpoint")
+        if id in self.eps:
+            raise EndpointIdBusy(errno.EBUSY, "", "add endpoint")
+        if len(self.eps) >= 8:
+            raise EndpointTableFull(errno.ERANGE, "", "add endpoint")
+        self.eps[id] = Endpoint(id, address, flags, ifindex, port)
+        return self.eps[id]
+
+    async def delete_endpoint(self, id: int, address: Any = None) -> None:
+        self.calls.append(("delete", id))
+        self._maybe_fail("delete", address)
+        if id not in self.eps:
+            raise NoSuchEndpoint(errno.EINVAL, "address not found", "delete endpoint")
+        del self.eps[id]
+
+    async def endpoints(self, token: int | None = None) -> list[Endpoint]:
+        self.calls.append(("dump", None))
+        return list(self.eps.values())
+
+    async def set_endpoint_flags(self, flags: EndpointFlags, *, id: int | None = None,
+                                 address: Any = None) -> None:
+        self.calls.append(("set_flags", id))
+        assert id is not None
+        self.eps[id] = replace(self.eps[id], flags=flags)
+
+    async def get_limits(self) -> Limits:
+        return Limits(2, 0)
+
+    async def set_limits(self, subflows: int | None = None,
+                         add_addr_accepted: int | None = None) -> None:
+        return None
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **kw: self.lines.append((level, event, kw))
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> tuple[FakeKernel, EndpointReconciler, StateStore, Log]:
+    kernel = FakeKernel()
+    store = StateStore(str(tmp_path))
+    log = Log()
+    return kernel, EndpointReconciler(kernel, store, log), store, log
+
+
+async def test_reconcile_adds_records_and_survives_restart_by_adoption(rig, tmp_path) -> None:
+    kernel, rec, store, _ = rig
+    await rec.reconcile([want("192.0.2.1"), want("192.0.2.2")], full=True)
+    assert {str(e.address) for e in kernel.eps.values()} == {"192.0.2.1", "192.0.2.2"}
+    # A new daemon (crash + restart) adopts instead of re-adding.
+    store2 = StateStore(str(tmp_path))
+    store2.load()
+    again = EndpointReconciler(kernel, store2, Log())
+    kernel.calls.clear()
+    await again.reconcile([want("192.0.2.1"), want("192.0.2.2")], full=True)
+    assert [c for c in kernel.calls if c[0] != "dump"] == []
+    assert len(store2.state.endpoints) == 2
+
+
+async def test_id_taken_behind_our_back_is_resolved_by_re_planning(rig) -> None:
+    kernel, rec, _, _ = rig
+    await rec.reconcile([], full=True)
+    kernel.eps[1] = Endpoint(1, A("203.0.113.5"), F.SIGNAL)  # appeared after our dump
+    await rec.reconcile([want("192.0.2.1")])
+    assert {e.id: str(e.address) for e in kernel.eps.values()} == {1: "203.0.113.5",
+                                                                  2: "192.0.2.1"}
+    assert rec.owned[(A("192.0.2.1"), 0)].id == 2
+
+
+async def test_table_full_leaves_the_intent_waiting_without_a_stale_record(rig) -> None:
+    kernel, rec, store, log = rig
+    for i in range(1, 9):
+        kernel.eps[100 + i] = Endpoint(100 + i, A(f"203.0.113.{i}"), F.SIGNAL)
+    await rec.reconcile([want("192.0.2.1")])  # our cache thinks the table is empty
+    assert store.state.endpoints == {}
+    assert [str(i.address) for i in rec.last_plan.waiting] == ["192.0.2.1"]
+    assert not any(level == "error" for level, _, _ in log.lines)
+
+
+async def test_a_kernel_refusal_is_logged_and_the_rest_still_applied(rig) -> None:
+    kernel, rec, store, log = rig
+    kernel.fail[("add", "192.0.2.1")] = KernelError(errno.EIO, "mystery", "add endpoint")
+    result = await rec.reconcile([want("192.0.2.1"), want("192.0.2.2")], full=True)
+    assert {str(e.address) for e in kernel.eps.values()} == {"192.0.2.2"}
+    assert [op.endpoint.address for op, _ in result.failed] == [A("192.0.2.1")]
+    assert (A("192.0.2.1"), 0) not in store.state.endpoints
+    assert any(level == "error" and event == "endpoint add failed" for level, event, _
+               in log.lines)
+
+
+async def test_endpoint_deleted_by_someone_else_is_restored_then_contested(rig) -> None:
+    kernel, rec, _, log = rig
+    for _ in range(EndpointReconciler.CONTEST_LIMIT):
+        await rec.reconcile([want("192.0.2.1")], full=True)
+        assert any(e.address == A("192.0.2.1") for e in kernel.eps.values())
+        kernel.eps.clear()  # an admin (or NetworkManager) deletes it again
+    await rec.reconcile([want("192.0.2.1")], full=True)
+    assert kernel.eps == {}
+    assert any("keeps being deleted" in event for _, event, _ in log.lines)
+
+
+async def test_remove_all_deletes_only_what_we_own(rig) -> None:
+    kernel, rec, store, _ = rig
+    kernel.eps[50] = Endpoint(50, A("203.0.113.50"), F.SIGNAL)
+    await rec.reconcile([want("192.0.2.1")], full=True)
+    removed = await rec.remove_all()
+    assert [str(r.address) for r in removed] == ["192.0.2.1"]
+    assert list(kernel.eps) == [50]
+    assert store.state.endpoints == {}
