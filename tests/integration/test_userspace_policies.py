@@ -76,7 +76,7 @@ def test_bursts_of_1000_connections_all_get_their_subflow(
         pairs = open_connections(tp.client, listener, "192.0.2.2", 1000)
         ports = {p.client.getsockname()[1] for p in pairs}
 
-        def complete() -> bool:
+        def complete(ports: set[int] = ports) -> bool:
             mine = [subs for subs in subflows_by_token(tp.client).values()
                     if any(s.local_port in ports and str(s.local) == "192.0.2.1"
                            and s.local_id == 0 for s in subs)]
@@ -203,7 +203,7 @@ def test_event_overflow_is_survived_and_every_connection_still_gets_its_subflow(
         pairs = open_connections(tp.client, listener, "192.0.2.2", 1000)
         ports = {p.client.getsockname()[1] for p in pairs}
 
-        def meshed() -> int:
+        def meshed(ports: set[int] = ports) -> int:
             return sum(1 for subs in subflows_by_token(tp.client).values()
                        if any(s.local_port in ports and s.local_id == 0 for s in subs)
                        and any(str(s.local) == "198.51.100.1" for s in subs))

@@ -12,8 +12,13 @@ from typing import Any
 import pytest
 
 from mptcpd_py.endpoints import ADD, DELETE, SET_FLAGS, EndpointReconciler, plan
-from mptcpd_py.errors import EndpointExists, EndpointIdBusy, EndpointTableFull, KernelError, \
-    NoSuchEndpoint
+from mptcpd_py.errors import (
+    EndpointExists,
+    EndpointIdBusy,
+    EndpointTableFull,
+    KernelError,
+    NoSuchEndpoint,
+)
 from mptcpd_py.netlink.types import Endpoint, EndpointFlags, Limits
 from mptcpd_py.plugin import EndpointIntent
 from mptcpd_py.state import OwnedEndpoint, StateStore
