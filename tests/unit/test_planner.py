@@ -200,7 +200,7 @@ def rig(tmp_path: Path) -> tuple[FakeKernel, EndpointReconciler, StateStore, Log
 
 
 async def test_reconcile_adds_records_and_survives_restart_by_adoption(rig, tmp_path) -> None:
-    kernel, rec, store, _ = rig
+    kernel, rec, _store, _ = rig
     await rec.reconcile([want("192.0.2.1"), want("192.0.2.2")], full=True)
     assert {str(e.address) for e in kernel.eps.values()} == {"192.0.2.1", "192.0.2.2"}
     # A new daemon (crash + restart) adopts instead of re-adding.
