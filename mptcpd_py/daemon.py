@@ -24,7 +24,7 @@ from mptcpd_py.errors import ConfigError, FamilyMissing, KernelError, MptcpdErro
 from mptcpd_py.kernel_settings import KernelSettingsError
 from mptcpd_py.loader import Available, discover, schemas
 from mptcpd_py.logging import configure, get_logger
-from mptcpd_py.notify import monotonic_usec, notify, watchdog_interval
+from mptcpd_py.notify import StatusLine, monotonic_usec, notify, watchdog_interval
 
 EX_OK, EX_SOFTWARE_FAIL, EX_USAGE = 0, 1, 64
 EX_UNAVAILABLE, EX_NOPERM, EX_CONFIG = 69, 77, 78
@@ -62,6 +62,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._lock_fd: int | None = None
+        self._status_line = StatusLine()
         self.started = time.monotonic()
 
     def _configure_logging(self, config: Config) -> str:
@@ -173,10 +174,12 @@ class Daemon:
         self._lock_fd = fd
 
     def _status(self, text: str) -> None:
-        notify(f"STATUS={text}")
+        self._status_line.update(text)
 
     def _heartbeat(self) -> None:
-        notify("WATCHDOG=1")
+        notify("WATCHDOG=1", block=False)
+        if self.core is not None:
+            self._status_line.update(self.core.status_line())
 
     async def _serve(self) -> None:
         stop_wait = asyncio.create_task(self._stop.wait())

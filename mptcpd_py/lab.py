@@ -39,6 +39,13 @@ def _run(args: Sequence[str], *, check: bool = True, timeout: float = 30) -> str
     return proc.stdout
 
 
+def _die_with_parent() -> None:
+    import ctypes  # noqa: PLC0415
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 class Netns:
     """One network namespace of a lab."""
 
@@ -64,6 +71,8 @@ class Netns:
         return _run(["ip", "netns", "exec", self.name, *args], check=check, timeout=timeout)
 
     def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process in the namespace; it dies with us (PR_SET_PDEATHSIG)."""
+        kwargs.setdefault("preexec_fn", _die_with_parent)
         proc = subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kwargs)
         self.processes.append(proc)
         return proc
@@ -385,8 +394,8 @@ class DaemonProcess:
                                + self.log_text()[-3000:])
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no {wanted} within {timeout}s:\n" + self.log_text()[-3000:])
+            # settimeout() alone: setblocking(True) would reset it to "forever".
             self._notify.settimeout(max(0.001, min(0.1, deadline - time.monotonic())))
-            self._notify.setblocking(True)
             try:
                 data = self._notify.recv(65536)
                 self.messages.extend(data.decode().splitlines())

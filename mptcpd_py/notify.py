@@ -1,45 +1,69 @@
 """sd_notify: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
 
-systemd-python's ``daemon.notify`` when it is installed; otherwise the
-protocol itself (one datagram to $NOTIFY_SOCKET). Without NOTIFY_SOCKET
-(not under systemd) every call is a no-op.
+The protocol itself (one datagram to $NOTIFY_SOCKET) on a socket kept
+open: state changes (READY, RELOADING, STOPPING) wait up to a second for
+room in the receiver's queue; STATUS and WATCHDOG never block, so a slow
+reader cannot stall the event loop (they are dropped instead, and STATUS
+is sent only when it changed, at most twice a second). Without
+NOTIFY_SOCKET (not under systemd) every call is a no-op.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 import time
-from typing import Any
 
-_sd_daemon: Any
-try:
-    _sd_daemon = importlib.import_module("systemd.daemon")
-except ImportError:  # pragma: no cover
-    _sd_daemon = None
+_sock: socket.socket | None = None
+_address: str | None = None
 
 
-def notify(*fields: str) -> bool:
-    message = "\n".join(fields)
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return False
-    if _sd_daemon is not None:
-        return bool(_sd_daemon.notify(message))
-    return _notify_raw(message)
-
-
-def _notify_raw(message: str) -> bool:
+def _socket() -> tuple[socket.socket, str] | None:
+    global _sock, _address
     path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path:
+        return None
     if path.startswith("@"):
         path = "\0" + path[1:]
+    if _sock is None or _address != path:
+        if _sock is not None:
+            _sock.close()
+        _sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        _address = path
+    return _sock, path
+
+
+def notify(*fields: str, block: bool = True) -> bool:
+    target = _socket()
+    if target is None:
+        return False
+    sock, path = target
+    data = "\n".join(fields).encode()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(path)
-            sock.sendall(message.encode())
+        # A Python socket with a timeout waits even with MSG_DONTWAIT: switch modes.
+        sock.settimeout(1.0 if block else 0.0)
+        sock.sendto(data, path)
         return True
     except OSError:
         return False
+
+
+class StatusLine:
+    """STATUS=... only when it changed, at most every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.last_text = ""
+        self.last_sent = 0.0
+
+    def update(self, text: str, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if text == self.last_text and not force:
+            return
+        if not force and now - self.last_sent < self.interval:
+            return  # the next pass (or the heartbeat) sends the latest text
+        if notify(f"STATUS={text}", block=False):
+            self.last_text, self.last_sent = text, now
 
 
 def monotonic_usec() -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -123,6 +122,8 @@ class StateStore:
         return state
 
     def save(self) -> None:
+        """Write atomically: a temp file next to it, then rename (this sits
+        on the add path, so it is kept to a few syscalls)."""
         s = self.state
         data = {
             "version": STATE_VERSION,
@@ -133,16 +134,18 @@ class StateStore:
             "saved_limits": s.saved_limits,
             "saved_sysctls": s.saved_sysctls,
         }
-        os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.state_dir)
+        payload = json.dumps(data, separators=(",", ":")).encode()
+        tmp = self.path + ".tmp"
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, separators=(",", ":"))
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, payload)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):

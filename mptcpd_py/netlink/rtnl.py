@@ -150,8 +150,24 @@ def decode_rule(data: bytes) -> Rule:
     )
 
 
+RT_TABLE_COMPAT = 252
+RT_TABLE_MAIN_ID = 254
+
+
+def _interesting_route(data: bytes) -> bool:
+    """Only default routes of the main table matter to the model; the rtmsg
+    header says so before an expensive full decode (an address change brings
+    several local / broadcast route events)."""
+    if len(data) < 28:
+        return False
+    dst_len, table = data[17], data[20]
+    return dst_len == 0 and table in (RT_TABLE_MAIN_ID, RT_TABLE_COMPAT)
+
+
 def decode_event(raw: RawMessage) -> RtnlEvent | None:
     """A multicast rtnetlink message -> typed event (None: not ours to watch)."""
+    if raw.type in (RTM_NEWROUTE, RTM_DELROUTE) and not _interesting_route(raw.data):
+        return None
     if raw.type in (RTM_NEWLINK, RTM_DELLINK):
         return LinkEvent(decode_link(raw.data), removed=raw.type == RTM_DELLINK)
     if raw.type in (RTM_NEWADDR, RTM_DELADDR):
