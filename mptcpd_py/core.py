@@ -212,6 +212,11 @@ class Core:
                 if self.model.apply(event):
                     self._publish_rtnl(event)
                     self.request_reconcile(_describe(event))
+                # Nothing else queued and no pass running: reconcile right here
+                # (a burst still coalesces: it is queued by then).
+                if self._wakeup.is_set() and not len(self.rtnl_events) and \
+                        not self._pass_lock.locked():
+                    await self._run_requested_pass()
             except KernelError as exc:
                 self._record_error(exc)
                 self.log.error("network re-read failed", error=str(exc))
@@ -298,20 +303,24 @@ class Core:
                 self.request_reconcile("periodic resync", full=True)
             if not self._wakeup.is_set():
                 continue
-            self._wakeup.clear()
-            full, self._full_requested = self._full_requested, False
-            reasons, self._reasons = self._reasons, []
-            dirty_since = self._dirty_since
-            try:
-                await self._reconcile_pass(full=full, reasons=reasons)
-            except KernelError as exc:
-                self._record_error(exc)
-                self.log.error("reconcile failed", error=str(exc))
-            if dirty_since:
-                self.stats.latencies.append(time.perf_counter() - dirty_since)
-            if full:
+            if await self._run_requested_pass():
                 interval = self.config.daemon.reconcile_interval
                 next_full = time.monotonic() + interval
+
+    async def _run_requested_pass(self) -> bool:
+        """Run one pass for everything requested so far; True if it was full."""
+        self._wakeup.clear()
+        full, self._full_requested = self._full_requested, False
+        reasons, self._reasons = self._reasons, []
+        dirty_since = self._dirty_since
+        try:
+            await self._reconcile_pass(full=full, reasons=reasons)
+        except KernelError as exc:
+            self._record_error(exc)
+            self.log.error("reconcile failed", error=str(exc))
+        if dirty_since:
+            self.stats.latencies.append(time.perf_counter() - dirty_since)
+        return full
 
     # ------------------------------------------------------------------ reconcile
 
@@ -334,8 +343,8 @@ class Core:
         if result is None:
             self.host.fail(state, "endpoints", "hook endpoints returned None (return a list)")
             return None
-        addresses = {(a.address, a.index) for a in net.addresses}
-        known = {a.address for a in net.addresses}
+        addresses = net.address_interfaces
+        known = net.local_addresses
         out = []
         assert self.caps is not None
         for item in result:
@@ -357,8 +366,12 @@ class Core:
                 self.host.fail(state, "endpoints", f"invalid result: {problem}")
                 return None
             assert isinstance(item, EndpointIntent)
-            out.append(item if item.plugin else replace(item, plugin=state.name,
-                                                        flags=EndpointFlags(item.flags)))
+            if item.plugin and type(item.flags) is EndpointFlags:
+                out.append(item)
+                continue
+            out.append(EndpointIntent(item.address, item.ifindex, EndpointFlags(item.flags),
+                                      item.port, item.priority, item.plugin or state.name,
+                                      item.reason))
         return tuple(out)
 
     async def _reconcile_pass(self, *, full: bool, reasons: list[str]) -> None:
@@ -485,6 +498,7 @@ class Core:
 
     def close(self) -> None:
         self.host.close()
+        self.store.close()
         for closable in (self.rtnl_events, self.mptcp_events, self.rtnl, self.pm):
             if closable is not None:
                 closable.close()

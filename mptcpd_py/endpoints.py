@@ -129,11 +129,13 @@ def plan(
 
     wanted: list[EndpointIntent] = []
     seen: set[Key] = set()
-    for intent in sorted(desired, key=lambda i: i.priority):
-        if intent.key in seen:
+    mask = kept_flags & ~EndpointFlags.IMPLICIT
+    for proposal in sorted(desired, key=lambda i: i.priority):
+        if proposal.key in seen:
             continue
-        seen.add(intent.key)
-        wanted.append(replace(intent, flags=intent.flags & kept_flags & ~EndpointFlags.IMPLICIT))
+        seen.add(proposal.key)
+        wanted.append(proposal if not proposal.flags & ~mask
+                      else replace(proposal, flags=proposal.flags & mask))
 
     # Someone else's endpoint for an address we want: leave it alone. An
     # implicit one (made by the kernel for a subflow) is replaced by an add.
@@ -282,12 +284,13 @@ class EndpointReconciler:
             if not surprised:
                 break
             await self.resync()
+        self.store.flush()
         return result
 
     def _forget(self, gone: Iterable[OwnedEndpoint], result: PassResult) -> None:
         now = time.monotonic()
         for rec in gone:
-            self.owned.pop(rec.key, None)
+            self.store.drop_endpoint(rec)
             self._deleted_externally.setdefault(rec.key, []).append(now)
             result.forgotten.append(rec)
             self.log.warning("endpoint deleted by someone else", addr=str(rec.address),
@@ -296,7 +299,6 @@ class EndpointReconciler:
                 self.log.warning(
                     "endpoint keeps being deleted by someone else (NetworkManager?); "
                     "not restoring it for 10 minutes", addr=str(rec.address))
-        self.store.save()
 
     async def _apply(self, current: Plan, result: PassResult) -> bool:
         """Apply operations in order; True when the kernel state was not what
@@ -311,27 +313,23 @@ class EndpointReconciler:
                         await self.pm.delete_endpoint(rec.id, rec.address)
                     except NoSuchEndpoint:
                         surprised = True
-                    self.owned.pop(rec.key, None)
+                    self.store.drop_endpoint(rec)
                     self.observed = [e for e in self.observed if e.id != rec.id]
-                    self.store.save()
                 elif op.kind == SET_FLAGS:
                     await self.pm.set_endpoint_flags(rec.flags, id=rec.id)
-                    self.owned[rec.key] = rec
+                    self.store.put_endpoint(rec)
                     self.observed = [
                         replace(e, flags=(e.flags & ~CHANGEABLE_FLAGS)
                                 | (rec.flags & CHANGEABLE_FLAGS))
                         if e.id == rec.id else e for e in self.observed
                     ]
-                    self.store.save()
-                else:  # ADD: record first, so a crash right after is adoptable
-                    self.owned[rec.key] = rec
-                    self.store.save()
+                else:  # ADD: journal first, so a crash right after is adoptable
+                    self.store.put_endpoint(rec)
                     try:
                         await self.pm.add_endpoint(rec.address, rec.flags, id=rec.id,
                                                    ifindex=rec.ifindex, port=rec.port)
                     except BaseException:
-                        self.owned.pop(rec.key, None)
-                        self.store.save()
+                        self.store.drop_endpoint(rec)
                         raise
                     self.observed = [e for e in self.observed if e.key != rec.key]
                     self.observed.append(Endpoint(rec.id, rec.address, rec.flags, rec.ifindex,
@@ -380,8 +378,8 @@ class EndpointReconciler:
             await self.resync()
         present, gone, _ = match_owned(self.observed, self.owned)
         for rec in gone:
-            self.owned.pop(rec.key, None)
-        for key, (rec, _ep) in list(present.items()):
+            self.store.drop_endpoint(rec)
+        for rec, _ep in list(present.values()):
             try:
                 await self.pm.delete_endpoint(rec.id, rec.address)
                 removed.append(rec)
@@ -393,6 +391,6 @@ class EndpointReconciler:
                 self.log.error("endpoint remove failed", addr=str(rec.address),
                                endpoint_id=rec.id, error=str(exc))
                 continue
-            self.owned.pop(key, None)
+            self.store.drop_endpoint(rec)
         self.store.save()
         return removed

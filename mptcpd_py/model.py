@@ -9,6 +9,7 @@ The model is mutable and owned by the core; plugins get an immutable
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import os
 import socket
@@ -73,6 +74,15 @@ class NetworkSnapshot:
     ineligible: Mapping[tuple[int, Address], str] = field(default_factory=dict)
     gateways: Mapping[tuple[int, int], Address] = field(default_factory=dict)
     generation: int = 0
+
+    @functools.cached_property
+    def local_addresses(self) -> frozenset[Address]:
+        """Every address of this host (what an intent may name)."""
+        return frozenset(a.address for a in self.addresses)
+
+    @functools.cached_property
+    def address_interfaces(self) -> frozenset[tuple[Address, int]]:
+        return frozenset((a.address, a.index) for a in self.addresses)
 
     def interface(self, name: str) -> Interface | None:
         for iface in self.interfaces.values():
@@ -159,6 +169,8 @@ class NetworkModel:
         self._read_devtype = devtype_reader
         self._ignored_at_start: set[tuple[int, Address]] = set()
         self._snapshot: NetworkSnapshot | None = None
+        self._iface_cache: dict[Link, Interface] = {}
+        self._judged: dict[tuple[IfAddress, Interface | None, bool], tuple[str | None, int]] = {}
 
     def load(self, links: Iterable[Link], addresses: Iterable[IfAddress],
              routes: Iterable[Route], *, initial: bool = False) -> None:
@@ -175,6 +187,7 @@ class NetworkModel:
 
     def set_config(self, cfg: NetworkConfig) -> None:
         self.cfg = cfg
+        self._judged.clear()
         self._changed()
 
     def _changed(self) -> None:
@@ -235,13 +248,16 @@ class NetworkModel:
         return True
 
     def _interface(self, link: Link) -> Interface:
+        cached = self._iface_cache.get(link)
+        if cached is not None:
+            return cached
         key = (link.index, link.name)
         devtype = self._devtypes.get(key)
         if devtype is None:
             reader = self._read_devtype
             devtype = reader(link.name) if callable(reader) else ""
             self._devtypes[key] = devtype
-        return Interface(
+        iface = Interface(
             index=link.index,
             name=link.name,
             up=link.up,
@@ -251,6 +267,27 @@ class NetworkModel:
             devtype=devtype,
             loopback=link.loopback,
         )
+        if len(self._iface_cache) > 4096:
+            self._iface_cache.clear()
+        self._iface_cache[link] = iface
+        return iface
+
+    def _judge(self, addr: IfAddress, iface: Interface | None, has_default: bool
+               ) -> tuple[str | None, int]:
+        """(why not eligible, include rank), memoised: under churn most
+        addresses have not changed since the last snapshot."""
+        memo_key = (addr, iface, has_default)
+        found = self._judged.get(memo_key)
+        if found is None:
+            reason = ineligibility(addr, iface, has_default, self.cfg)
+            rank = 0
+            if reason is None and iface is not None:
+                rank = matches_any(iface.name, self.cfg.include) or 0
+            found = (reason, rank)
+            if len(self._judged) > 16384:
+                self._judged.clear()
+            self._judged[memo_key] = found
+        return found
 
     def snapshot(self) -> NetworkSnapshot:
         if self._snapshot is not None:
@@ -268,13 +305,12 @@ class NetworkModel:
             iface = interfaces.get(addr.index)
             family = socket.AF_INET if addr.address.version == 4 else socket.AF_INET6
             has_default = (addr.index, family) in gateways or (addr.index, -family) in gateways
-            reason = ineligibility(addr, iface, has_default, self.cfg)
+            reason, rank = self._judge(addr, iface, has_default)
             if reason is None and key in self._ignored_at_start:
                 reason = "present at start and [network] existing = false"
             if reason is not None or iface is None:
                 ineligible[key] = reason or "interface unknown"
                 continue
-            rank = matches_any(iface.name, self.cfg.include) or 0
             eligible.append(Candidate(addr, iface, rank))
         eligible.sort(key=lambda c: c.priority)
         self._snapshot = NetworkSnapshot(

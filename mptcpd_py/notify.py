@@ -14,27 +14,32 @@ import os
 import socket
 import time
 
-_sock: socket.socket | None = None
-_address: str | None = None
+class _Channel:
+    """The notify socket, opened once and kept (one socket, not one a call)."""
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.address = ""
+
+    def get(self) -> tuple[socket.socket, str] | None:
+        path = os.environ.get("NOTIFY_SOCKET", "")
+        if not path:
+            return None
+        if path.startswith("@"):
+            path = "\0" + path[1:]
+        if self.sock is None or self.address != path:
+            if self.sock is not None:
+                self.sock.close()
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self.address = path
+        return self.sock, path
 
 
-def _socket() -> tuple[socket.socket, str] | None:
-    global _sock, _address
-    path = os.environ.get("NOTIFY_SOCKET", "")
-    if not path:
-        return None
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    if _sock is None or _address != path:
-        if _sock is not None:
-            _sock.close()
-        _sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        _address = path
-    return _sock, path
+_channel = _Channel()
 
 
 def notify(*fields: str, block: bool = True) -> bool:
-    target = _socket()
+    target = _channel.get()
     if target is None:
         return False
     sock, path = target

@@ -2,10 +2,14 @@
 touches what it did not create, and so that a restart after a crash adopts
 its leftovers instead of duplicating them.
 
-Written atomically (temp file + rename) in ``state_dir`` (tmpfs /run by
-default), *before* an endpoint is added: a crash between the write and the
-kernel's reply leaves a record for an endpoint that may or may not exist,
-which the next start resolves by comparing id and address with a dump.
+Two files in ``state_dir`` (tmpfs /run by default): ``state.json``, a
+snapshot written atomically (temp file + rename) at the end of each
+reconcile pass, and ``state.journal``, one line appended *before* each
+endpoint is added (and after each removal), which costs one write(2) on
+the add path instead of a whole snapshot. A crash between the journal line
+and the kernel's reply leaves a record for an endpoint that may or may not
+exist; the next start replays the journal and resolves it by comparing id
+and address with a dump. A torn last line is ignored.
 """
 
 from __future__ import annotations
@@ -86,8 +90,11 @@ class StateStore:
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, "state.json")
+        self.journal_path = os.path.join(state_dir, "state.journal")
         self.state = State()
         self.problem = ""
+        self.dirty = False
+        self._journal_fd: int | None = None
 
     def load(self) -> State:
         """Read the file; a missing file is a fresh start, a corrupt one is
@@ -118,8 +125,57 @@ class StateStore:
             with contextlib.suppress(OSError):
                 os.replace(self.path, self.path + ".corrupt")
             state = State()
+        self._replay(state)
         self.state = state
         return state
+
+    def _replay(self, state: State) -> None:
+        try:
+            with open(self.journal_path, "rb") as f:
+                lines = f.read().split(b"\n")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.problem = f"{self.journal_path}: unreadable ({exc.strerror})"
+            return
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                record = OwnedEndpoint.from_json(entry["ep"])
+            except (ValueError, KeyError, TypeError):
+                continue  # empty, or torn by a crash mid-write
+            if entry.get("op") == "put":
+                state.endpoints[record.key] = record
+            elif entry.get("op") == "del":
+                state.endpoints.pop(record.key, None)
+            if entry.get("next_id"):
+                state.next_id = int(entry["next_id"])
+        self.dirty = True
+
+    def _journal(self, op: str, record: OwnedEndpoint) -> None:
+        line = json.dumps({"op": op, "ep": record.to_json(), "next_id": self.state.next_id},
+                          separators=(",", ":")).encode() + b"\n"
+        if self._journal_fd is None:
+            os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+            self._journal_fd = os.open(self.journal_path,
+                                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                                       0o644)
+        os.write(self._journal_fd, line)
+        self.dirty = True
+
+    def put_endpoint(self, record: OwnedEndpoint) -> None:
+        """Own an endpoint (journaled at once: call before adding it)."""
+        self.state.endpoints[record.key] = record
+        self._journal("put", record)
+
+    def drop_endpoint(self, record: OwnedEndpoint) -> None:
+        if self.state.endpoints.pop(record.key, None) is not None:
+            self._journal("del", record)
+
+    def flush(self) -> None:
+        """Write the snapshot if anything changed since the last one."""
+        if self.dirty:
+            self.save()
 
     def save(self) -> None:
         """Write atomically: a temp file next to it, then rename (this sits
@@ -146,7 +202,20 @@ class StateStore:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
+        # The snapshot now holds everything the journal said.
+        if self._journal_fd is not None:
+            os.ftruncate(self._journal_fd, 0)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.truncate(self.journal_path, 0)
+        self.dirty = False
 
     def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        for path in (self.path, self.journal_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def close(self) -> None:
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None

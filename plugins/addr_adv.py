@@ -75,7 +75,7 @@ class AddrAdv(Plugin):
         out = list(proposed)
         for cand in net.eligible:
             flags, rank, why = self._flags_for(cand.interface.name)
-            intent = EndpointIntent.for_candidate(cand, flags, reason=f"eligible address; {why}")
-            out.append(EndpointIntent(intent.address, intent.ifindex, intent.flags,
-                                      priority=(rank, *cand.priority), reason=intent.reason))
+            out.append(EndpointIntent(cand.address.address, cand.interface.index, flags,
+                                      priority=(rank, *cand.priority),
+                                      reason=f"eligible address; {why}"))
         return out

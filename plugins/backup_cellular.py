@@ -14,7 +14,8 @@ backup (MP_PRIO) as soon as it is established.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from mptcpd_py.config import check_glob
 from mptcpd_py.model import Interface, NetworkSnapshot, matches_any
@@ -37,14 +38,23 @@ class BackupCellular(Plugin):
         "Backup flag for cellular interfaces.",
     )
 
+    def __init__(self, config: Mapping[str, Any], log: Any) -> None:
+        super().__init__(config, log)
+        self._verdicts: dict[Interface, bool] = {}
+
     def _cellular(self, iface: Interface | None) -> bool:
         if iface is None:
             return False
-        if matches_any(iface.name, self.config["match"]) is not None:
-            return True
-        if self.config["detect_devtype"] and iface.devtype == "wwan":
-            return True
-        return bool(self.config["detect_link_type"] and iface.link_type == ARPHRD_RAWIP)
+        known = self._verdicts.get(iface)
+        if known is None:
+            known = (matches_any(iface.name, self.config["match"]) is not None
+                     or (self.config["detect_devtype"] and iface.devtype == "wwan")
+                     or bool(self.config["detect_link_type"]
+                             and iface.link_type == ARPHRD_RAWIP))
+            if len(self._verdicts) > 1024:
+                self._verdicts.clear()
+            self._verdicts[iface] = known
+        return known
 
     def endpoints(self, net: NetworkSnapshot, proposed: tuple[EndpointIntent, ...]
                   ) -> Iterable[EndpointIntent]:
