@@ -14,6 +14,7 @@ import os
 import socket
 import time
 
+
 class _Channel:
     """The notify socket, opened once and kept (one socket, not one a call)."""
 
