@@ -88,18 +88,20 @@ async def test_endpoint_refusals_are_typed_with_kernel_text(pm: MptcpPM) -> None
     assert len(await pm.endpoints()) == 8
 
 
-async def test_flush_removes_every_endpoint(pm: MptcpPM) -> None:
+@pytest.mark.parametrize("prefix", ["198.51.100.", "2001:db8:5::"])
+async def test_flush_removes_every_endpoint(pm: MptcpPM, prefix: str) -> None:
     for i in range(1, 4):
-        await pm.add_endpoint(A(f"198.51.100.{i}"), F.SIGNAL, id=i)
+        await pm.add_endpoint(A(f"{prefix}{i}"), F.SIGNAL, id=i)
     await pm.flush_endpoints()
     assert await pm.endpoints() == []
 
 
-async def test_set_flags_changes_backup_and_fullmesh(pm: MptcpPM) -> None:
-    await pm.add_endpoint(A("203.0.113.1"), F.SUBFLOW, id=4)
+@pytest.mark.parametrize("address", ["203.0.113.1", "2001:db8:6::1"])
+async def test_set_flags_changes_backup_and_fullmesh(pm: MptcpPM, address: str) -> None:
+    await pm.add_endpoint(A(address), F.SUBFLOW, id=4)
     await pm.set_endpoint_flags(F.BACKUP | F.FULLMESH, id=4)
     assert (await pm.get_endpoint(4)).flags == F.SUBFLOW | F.BACKUP | F.FULLMESH
-    await pm.set_endpoint_flags(F.NONE, address=A("203.0.113.1"))
+    await pm.set_endpoint_flags(F.NONE, address=A(address))
     assert (await pm.get_endpoint(4)).flags == F.SUBFLOW
 
 

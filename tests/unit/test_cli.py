@@ -1,0 +1,60 @@
+"""The command line: exit codes and one-line errors (no kernel needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mptcpd_py.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_check_config_accepts_the_shipped_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(ROOT / "conf" / "mptcpd.toml")]) == 0
+    assert "OK (plugins: addr_adv, backup_cellular)" in capsys.readouterr().out
+
+
+def test_check_config_reports_each_problem_on_its_own_line_and_exits_78(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon]\nlog_level = 3\n\n[plugins.addr_adv]\nflags = ['sideways']\n")
+    assert main(["check-config", str(bad)]) == 78
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"{bad}:2: daemon.log_level: must be a string, not integer 3",
+        f"{bad}:5: plugins.addr_adv.flags: unknown value 'sideways' "
+        "(expected any of signal, subflow, backup, fullmesh, laminar)",
+    ]
+
+
+def test_schema_lists_daemon_and_plugin_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(ROOT / "conf" / "mptcpd.toml"), "--schema"]) == 0
+    out = capsys.readouterr().out
+    for section in ("[daemon]", "[kernel.limits]", "[plugins.addr_adv]",
+                    "[[plugins.addr_adv.interface]]", "[plugins.backup_cellular]"):
+        assert f"`{section}`" in out
+
+
+def test_usage_errors_exit_64() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 64
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--log-level", "chatty"])
+    assert info.value.code == 64
+
+
+def test_run_with_a_broken_config_exits_78_with_one_line_and_no_traceback(
+        tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[network]\ninclude = 'eth[0'\n")
+    proc = subprocess.run([sys.executable, "-m", "mptcpd_py", "run", "-c", str(bad),
+                           "--log-format", "console"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 78
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert f"{bad}:2: network.include: bad interface glob 'eth[0': unclosed '['" in proc.stderr
