@@ -412,6 +412,8 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=timeout)
+        if self._notify is not None:
+            self.poll_notify()  # keep what it said on the way out (STOPPING=1)
         self.close()
         return code
 

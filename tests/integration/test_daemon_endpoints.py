@@ -197,3 +197,33 @@ def test_another_path_manager_in_the_namespace_refuses_start(
     finally:
         fake.kill()
         fake.wait()
+
+
+def test_watchdog_pings_and_status_lines_under_a_notify_socket(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    d = daemons(box, daemon_config(str(tmp_path / "state")),
+                env={"WATCHDOG_USEC": "200000"}).start()
+    wait_for(lambda: (d.poll_notify(), d.messages.count("WATCHDOG=1") >= 3)[1], 5,
+             what="three watchdog pings")
+    assert any(m.startswith("STATUS=") and "endpoints owned" in m for m in d.messages)
+    assert d.stop() == 0
+    assert "STOPPING=1" in d.messages
+
+
+def test_network_manager_in_the_namespace_is_warned_about_not_fought(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    fake = box.popen(["python3", "-c", "open('/proc/self/comm','w').write('NetworkManager');"
+                      "import time; time.sleep(30)"])
+    try:
+        wait_for(lambda: any(Path(f"/proc/{pid}/comm").read_text().strip() == "NetworkManager"
+                             for pid in _children(fake.pid)), timeout=5)
+        d = daemons(box, daemon_config(str(tmp_path / "state"))).start()
+        line = d.wait_log("NetworkManager is running here and may manage MPTCP endpoints "
+                          "(connection.mptcp-flags); mptcpd-py never touches endpoints it did "
+                          "not create and stops restoring one that keeps being deleted")
+        assert line["level"] == "warning"
+        wait_for(lambda: "192.0.2.1" in endpoints(box))
+        assert d.stop() == 0
+    finally:
+        fake.kill()
+        fake.wait()
