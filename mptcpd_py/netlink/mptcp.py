@@ -138,14 +138,16 @@ class MptcpPM:
         self.sock.close()
 
     async def _call(
-        self, cmd: int, attrs: Iterable[tuple[Any, ...]] = (), dump: bool = False
+        self, cmd: int, attrs: Iterable[tuple[Any, ...]] = (), dump: bool = False,
+        slow: bool = False,
     ) -> list[Any]:
         msg = m.mptcp_pm_msg()
         msg["cmd"] = cmd
         msg["version"] = m.MPTCP_PM_VERSION
         msg["attrs"] = list(attrs)
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
-        replies = await self.sock.request(msg, self.family_id, flags, m.COMMAND_NAMES[cmd])
+        replies = await self.sock.request(msg, self.family_id, flags, m.COMMAND_NAMES[cmd],
+                                          slow=slow)
         out = []
         for raw in replies:
             reply = m.mptcp_pm_msg(raw.data)
@@ -179,7 +181,8 @@ class MptcpPM:
         """Delete by id (the kernel ignores the address for a non-zero id;
         id 0 with an address means the initial subflow's address)."""
         addr = _addr_attrs(address, id=id)
-        await self._call(m.CMD_DEL_ADDR, [("MPTCP_PM_ATTR_ADDR", addr, m.NLA_F_NESTED)])
+        await self._call(m.CMD_DEL_ADDR, [("MPTCP_PM_ATTR_ADDR", addr, m.NLA_F_NESTED)],
+                         slow=True)
 
     async def get_endpoint(self, id: int, token: int | None = None) -> Endpoint:
         attrs: list[tuple[Any, ...]] = [
@@ -203,7 +206,8 @@ class MptcpPM:
     async def flush_endpoints(self) -> None:
         """Remove every endpoint. The kernel also resets add_addr_accepted to
         0 here (mptcp_net-next#579): the daemon deletes one by one instead."""
-        await self._call(m.CMD_FLUSH_ADDRS, [("MPTCP_PM_ATTR_ADDR", _addr_attrs(), m.NLA_F_NESTED)])
+        await self._call(m.CMD_FLUSH_ADDRS,
+                         [("MPTCP_PM_ATTR_ADDR", _addr_attrs(), m.NLA_F_NESTED)], slow=True)
 
     async def set_endpoint_flags(
         self,

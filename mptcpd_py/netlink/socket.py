@@ -10,6 +10,7 @@ its reader).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import socket
@@ -54,6 +55,16 @@ _NLA = struct.Struct("=HH")
 DEFAULT_RCVBUF = 8 * 1024 * 1024
 _RECV_SIZE = 1 << 17
 _MAX_DATAGRAMS_PER_WAKEUP = 512
+
+
+_SLOW_SENDERS: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _slow_senders() -> concurrent.futures.ThreadPoolExecutor:
+    global _SLOW_SENDERS  # noqa: PLW0603 (one small pool per process, made on first use)
+    if _SLOW_SENDERS is None:
+        _SLOW_SENDERS = concurrent.futures.ThreadPoolExecutor(2, "netlink-slow")
+    return _SLOW_SENDERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,19 +226,22 @@ class NetlinkSocket:
         return self._seq
 
     async def request(
-        self, msg: Any, msg_type: int, flags: int, command: str = ""
+        self, msg: Any, msg_type: int, flags: int, command: str = "", *, slow: bool = False
     ) -> list[RawMessage]:
         """Send a pyroute2 message; return its replies (without the final ack).
 
+        The kernel runs a command inside sendmsg(2). ``slow`` commands
+        (DEL_ADDR waits for an RCU grace period, 5-15 ms) are sent from a
+        worker thread so the event loop keeps serving meanwhile.
         Raises the matching :class:`~mptcpd_py.errors.KernelError` on a refusal.
         """
         if flags & NLM_F_DUMP == NLM_F_DUMP:
             async with self._dump_lock:
-                return await self._request(msg, msg_type, flags, command)
-        return await self._request(msg, msg_type, flags, command)
+                return await self._request(msg, msg_type, flags, command, slow)
+        return await self._request(msg, msg_type, flags, command, slow)
 
-    async def _request(self, msg: Any, msg_type: int, flags: int, command: str
-                       ) -> list[RawMessage]:
+    async def _request(self, msg: Any, msg_type: int, flags: int, command: str,
+                       slow: bool = False) -> list[RawMessage]:
         if self._closed:
             raise NetlinkError("netlink socket closed")
         self.start()
@@ -242,7 +256,10 @@ class NetlinkSocket:
         future: asyncio.Future[list[RawMessage]] = self._loop.create_future()
         self._pending[seq] = _Pending(future, bool(flags & NLM_F_DUMP == NLM_F_DUMP), command)
         try:
-            self.sock.send(msg.data)
+            if slow:
+                await self._loop.run_in_executor(_slow_senders(), self.sock.send, msg.data)
+            else:
+                self.sock.send(msg.data)
         except OSError as exc:
             del self._pending[seq]
             raise NetlinkError(f"{command or 'netlink'}: send failed: {exc.strerror}") from exc
