@@ -235,7 +235,8 @@ class Core:
                 continue
             kind = event.type.name.lower() if hasattr(event.type, "name") else str(event.type)
             self.stats.events[f"mptcp_{kind}"] += 1
-            self.monitor.publish("mptcp", event=kind, **_event_fields(event))
+            if self.monitor.subscribers:
+                self.monitor.publish("mptcp", event=kind, **_event_fields(event))
             if self.userspace is None:
                 self.connections.apply(event)
                 continue

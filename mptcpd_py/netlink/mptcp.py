@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Iterable
-from typing import Any
 
 from pyroute2.netlink import ctrlmsg
 
 from mptcpd_py.errors import FamilyMissing, KernelError, NoSuchEndpoint, PermissionDenied
+from mptcpd_py.netlink import codec as c
 from mptcpd_py.netlink import messages as m
 from mptcpd_py.netlink.socket import (
     NETLINK_GENERIC,
@@ -43,7 +42,6 @@ from mptcpd_py.netlink.types import (
     MptcpEventType,
     SubflowEvent,
     UnknownMptcpEvent,
-    family_of,
     parse_address,
 )
 
@@ -78,40 +76,16 @@ async def resolve_family(sock: NetlinkSocket, name: str) -> tuple[int, dict[str,
     return int(reply.get_attr("CTRL_ATTR_FAMILY_ID")), groups
 
 
-def _addr_attrs(
-    address: Address | None = None,
-    *,
-    id: int | None = None,
-    flags: EndpointFlags | int | None = None,
-    ifindex: int = 0,
-    port: int = 0,
-) -> dict[str, Any]:
-    attrs: list[tuple[Any, ...]] = []
-    if address is not None:
-        attrs.append(("MPTCP_PM_ADDR_ATTR_FAMILY", family_of(address)))
-        if address.version == 4:
-            attrs.append(("MPTCP_PM_ADDR_ATTR_ADDR4", str(address)))
-        else:
-            attrs.append(("MPTCP_PM_ADDR_ATTR_ADDR6", str(address)))
-    if id is not None:
-        attrs.append(("MPTCP_PM_ADDR_ATTR_ID", id))
-    if port:
-        attrs.append(("MPTCP_PM_ADDR_ATTR_PORT", port))
-    if flags is not None:
-        attrs.append(("MPTCP_PM_ADDR_ATTR_FLAGS", int(flags)))
-    if ifindex:
-        attrs.append(("MPTCP_PM_ADDR_ATTR_IF_IDX", ifindex))
-    return {"attrs": attrs}
-
-
-def _endpoint_from(addr: Any) -> Endpoint:
-    raw = addr.get_attr("MPTCP_PM_ADDR_ATTR_ADDR4") or addr.get_attr("MPTCP_PM_ADDR_ATTR_ADDR6")
+def _endpoint_from(raw: bytes) -> Endpoint:
+    fields = c.decode_address_attr(raw)
+    if fields["address"] is None:
+        raise ValueError("endpoint without an address")
     return Endpoint(
-        id=int(addr.get_attr("MPTCP_PM_ADDR_ATTR_ID") or 0),
-        address=parse_address(raw),
-        flags=EndpointFlags(int(addr.get_attr("MPTCP_PM_ADDR_ATTR_FLAGS") or 0)),
-        ifindex=int(addr.get_attr("MPTCP_PM_ADDR_ATTR_IF_IDX") or 0),
-        port=int(addr.get_attr("MPTCP_PM_ADDR_ATTR_PORT") or 0),
+        id=fields["id"],
+        address=fields["address"],
+        flags=EndpointFlags(fields["flags"]),
+        ifindex=fields["ifindex"],
+        port=fields["port"],
     )
 
 
@@ -137,23 +111,13 @@ class MptcpPM:
     def close(self) -> None:
         self.sock.close()
 
-    async def _call(
-        self, cmd: int, attrs: Iterable[tuple[Any, ...]] = (), dump: bool = False,
-        slow: bool = False,
-    ) -> list[Any]:
-        msg = m.mptcp_pm_msg()
-        msg["cmd"] = cmd
-        msg["version"] = m.MPTCP_PM_VERSION
-        msg["attrs"] = list(attrs)
+    async def _call(self, cmd: int, *attrs: bytes, dump: bool = False, slow: bool = False
+                    ) -> list[dict[int, bytes]]:
+        payload = c.genl_payload(cmd, m.MPTCP_PM_VERSION, *attrs)
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
-        replies = await self.sock.request(msg, self.family_id, flags, m.COMMAND_NAMES[cmd],
-                                          slow=slow)
-        out = []
-        for raw in replies:
-            reply = m.mptcp_pm_msg(raw.data)
-            reply.decode()
-            out.append(reply)
-        return out
+        replies = await self.sock.request_bytes(payload, self.family_id, flags,
+                                                m.COMMAND_NAMES[cmd], slow=slow)
+        return [c.genl_attrs(r.data)[1] for r in replies if r.type == self.family_id]
 
     # ------------------------------------------------------------ endpoints
 
@@ -168,8 +132,8 @@ class MptcpPM:
     ) -> Endpoint:
         """Add an in-kernel PM endpoint; with ``id=0`` the kernel picks one
         and a dump finds out which."""
-        addr = _addr_attrs(address, id=id or None, flags=flags, ifindex=ifindex, port=port)
-        await self._call(m.CMD_ADD_ADDR, [("MPTCP_PM_ATTR_ADDR", addr, m.NLA_F_NESTED)])
+        await self._call(m.CMD_ADD_ADDR, c.address_attr(
+            c.ATTR_ADDR, address, id=id or None, flags=flags, ifindex=ifindex, port=port))
         if id:
             return Endpoint(id, address, EndpointFlags(flags), ifindex, port)
         for endpoint in await self.endpoints():
@@ -179,35 +143,30 @@ class MptcpPM:
 
     async def delete_endpoint(self, id: int, address: Address | None = None) -> None:
         """Delete by id (the kernel ignores the address for a non-zero id;
-        id 0 with an address means the initial subflow's address)."""
-        addr = _addr_attrs(address, id=id)
-        await self._call(m.CMD_DEL_ADDR, [("MPTCP_PM_ATTR_ADDR", addr, m.NLA_F_NESTED)],
+        id 0 with an address means the initial subflow's address). The
+        kernel waits for an RCU grace period here: sent from a thread."""
+        await self._call(m.CMD_DEL_ADDR, c.address_attr(c.ATTR_ADDR, address, id=id),
                          slow=True)
 
     async def get_endpoint(self, id: int, token: int | None = None) -> Endpoint:
-        attrs: list[tuple[Any, ...]] = [
-            ("MPTCP_PM_ATTR_ADDR", _addr_attrs(id=id), m.NLA_F_NESTED)
-        ]
+        attrs = [c.address_attr(c.ATTR_ADDR, id=id)]
         if token is not None:
-            attrs.append(("MPTCP_PM_ATTR_TOKEN", token))
-        replies = await self._call(m.CMD_GET_ADDR, attrs)
-        if not replies:
+            attrs.append(c.u32(c.ATTR_TOKEN, token))
+        replies = await self._call(m.CMD_GET_ADDR, *attrs)
+        if not replies or c.ATTR_ADDR not in replies[0]:
             raise NoSuchEndpoint(errno.ENOENT, f"id {id}", "get endpoint")
-        return _endpoint_from(replies[0].get_attr("MPTCP_PM_ATTR_ADDR"))
+        return _endpoint_from(replies[0][c.ATTR_ADDR])
 
     async def endpoints(self, token: int | None = None) -> list[Endpoint]:
         """All in-kernel endpoints, or a userspace-PM connection's local addresses."""
-        attrs: list[tuple[Any, ...]] = []
-        if token is not None:
-            attrs.append(("MPTCP_PM_ATTR_TOKEN", token))
-        replies = await self._call(m.CMD_GET_ADDR, attrs, dump=True)
-        return [_endpoint_from(r.get_attr("MPTCP_PM_ATTR_ADDR")) for r in replies]
+        attrs = [] if token is None else [c.u32(c.ATTR_TOKEN, token)]
+        replies = await self._call(m.CMD_GET_ADDR, *attrs, dump=True)
+        return [_endpoint_from(r[c.ATTR_ADDR]) for r in replies if c.ATTR_ADDR in r]
 
     async def flush_endpoints(self) -> None:
         """Remove every endpoint. The kernel also resets add_addr_accepted to
         0 here (mptcp_net-next#579): the daemon deletes one by one instead."""
-        await self._call(m.CMD_FLUSH_ADDRS,
-                         [("MPTCP_PM_ATTR_ADDR", _addr_attrs(), m.NLA_F_NESTED)], slow=True)
+        await self._call(m.CMD_FLUSH_ADDRS, c.address_attr(c.ATTR_ADDR), slow=True)
 
     async def set_endpoint_flags(
         self,
@@ -217,47 +176,46 @@ class MptcpPM:
         address: Address | None = None,
     ) -> None:
         """Change backup / fullmesh of an in-kernel endpoint (by id or address)."""
-        addr = _addr_attrs(address, id=id, flags=flags)
-        await self._call(m.CMD_SET_FLAGS, [("MPTCP_PM_ATTR_ADDR", addr, m.NLA_F_NESTED)])
+        await self._call(m.CMD_SET_FLAGS,
+                         c.address_attr(c.ATTR_ADDR, address, id=id, flags=flags))
 
     # ------------------------------------------------------------ limits
 
     async def get_limits(self) -> Limits:
         (reply,) = await self._call(m.CMD_GET_LIMITS)
         return Limits(
-            subflows=int(reply.get_attr("MPTCP_PM_ATTR_SUBFLOWS") or 0),
-            add_addr_accepted=int(reply.get_attr("MPTCP_PM_ATTR_RCV_ADD_ADDRS") or 0),
+            subflows=c.as_u32(reply.get(c.ATTR_SUBFLOWS)),
+            add_addr_accepted=c.as_u32(reply.get(c.ATTR_RCV_ADD_ADDRS)),
         )
 
     async def set_limits(
         self, subflows: int | None = None, add_addr_accepted: int | None = None
     ) -> None:
-        attrs: list[tuple[Any, ...]] = []
+        attrs = []
         if add_addr_accepted is not None:
-            attrs.append(("MPTCP_PM_ATTR_RCV_ADD_ADDRS", add_addr_accepted))
+            attrs.append(c.u32(c.ATTR_RCV_ADD_ADDRS, add_addr_accepted))
         if subflows is not None:
-            attrs.append(("MPTCP_PM_ATTR_SUBFLOWS", subflows))
-        await self._call(m.CMD_SET_LIMITS, attrs)
+            attrs.append(c.u32(c.ATTR_SUBFLOWS, subflows))
+        await self._call(m.CMD_SET_LIMITS, *attrs)
 
     # ------------------------------------------------------------ userspace PM
 
     async def announce(
         self, token: int, address: Address, id: int, *, port: int = 0, ifindex: int = 0
     ) -> None:
-        """ADD_ADDR to the peer of one connection (userspace PM). ``id`` > 0."""
-        addr = _addr_attrs(
-            address, id=id, flags=EndpointFlags.SIGNAL, port=port, ifindex=ifindex
-        )
+        """ADD_ADDR to the peer of one connection (userspace PM). ``id`` > 0;
+        the kernel wants the signal flag on it."""
         await self._call(
             m.CMD_ANNOUNCE,
-            [("MPTCP_PM_ATTR_ADDR", addr, m.NLA_F_NESTED), ("MPTCP_PM_ATTR_TOKEN", token)],
+            c.address_attr(c.ATTR_ADDR, address, id=id, flags=EndpointFlags.SIGNAL,
+                           port=port, ifindex=ifindex),
+            c.u32(c.ATTR_TOKEN, token),
         )
 
     async def remove(self, token: int, local_id: int) -> None:
         """RM_ADDR of an announced address id to the peer (userspace PM)."""
-        await self._call(
-            m.CMD_REMOVE, [("MPTCP_PM_ATTR_TOKEN", token), ("MPTCP_PM_ATTR_LOC_ID", local_id)]
-        )
+        await self._call(m.CMD_REMOVE, c.u32(c.ATTR_TOKEN, token),
+                         c.u8(c.ATTR_LOC_ID, local_id))
 
     async def subflow_create(
         self,
@@ -272,30 +230,22 @@ class MptcpPM:
     ) -> None:
         """Open a subflow local -> remote:port on one connection (userspace PM)."""
         flags = EndpointFlags.BACKUP if backup else EndpointFlags.NONE
-        loc = _addr_attrs(local, id=local_id, flags=flags, ifindex=ifindex)
-        rem = _addr_attrs(remote, port=remote_port)
         await self._call(
             m.CMD_SUBFLOW_CREATE,
-            [
-                ("MPTCP_PM_ATTR_ADDR", loc, m.NLA_F_NESTED),
-                ("MPTCP_PM_ATTR_TOKEN", token),
-                ("MPTCP_PM_ATTR_ADDR_REMOTE", rem, m.NLA_F_NESTED),
-            ],
+            c.address_attr(c.ATTR_ADDR, local, id=local_id, flags=flags, ifindex=ifindex),
+            c.u32(c.ATTR_TOKEN, token),
+            c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=remote_port),
         )
 
     async def subflow_destroy(
         self, token: int, local: Address, local_port: int, remote: Address, remote_port: int
     ) -> None:
         """Close one subflow, named by its four-tuple (userspace PM)."""
-        loc = _addr_attrs(local, port=local_port)
-        rem = _addr_attrs(remote, port=remote_port)
         await self._call(
             m.CMD_SUBFLOW_DESTROY,
-            [
-                ("MPTCP_PM_ATTR_ADDR", loc, m.NLA_F_NESTED),
-                ("MPTCP_PM_ATTR_TOKEN", token),
-                ("MPTCP_PM_ATTR_ADDR_REMOTE", rem, m.NLA_F_NESTED),
-            ],
+            c.address_attr(c.ATTR_ADDR, local, port=local_port),
+            c.u32(c.ATTR_TOKEN, token),
+            c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=remote_port),
         )
 
     async def set_subflow_backup(
@@ -310,15 +260,11 @@ class MptcpPM:
     ) -> None:
         """MP_PRIO on one connection's subflow(s) local -> remote (userspace PM)."""
         flags = EndpointFlags.BACKUP if backup else EndpointFlags.NONE
-        loc = _addr_attrs(local, flags=flags, port=local_port)
-        rem = _addr_attrs(remote, port=remote_port)
         await self._call(
             m.CMD_SET_FLAGS,
-            [
-                ("MPTCP_PM_ATTR_ADDR", loc, m.NLA_F_NESTED),
-                ("MPTCP_PM_ATTR_TOKEN", token),
-                ("MPTCP_PM_ATTR_ADDR_REMOTE", rem, m.NLA_F_NESTED),
-            ],
+            c.address_attr(c.ATTR_ADDR, local, flags=flags, port=local_port),
+            c.u32(c.ATTR_TOKEN, token),
+            c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=remote_port),
         )
 
 
@@ -331,75 +277,72 @@ _SUBFLOW_TYPES = (
     MptcpEventType.SUB_PRIORITY,
 )
 _LISTENER_TYPES = (MptcpEventType.LISTENER_CREATED, MptcpEventType.LISTENER_CLOSED)
+_UNSPECIFIED: dict[int, Address] = {int(socket.AF_INET): parse_address("0.0.0.0"),
+                                     int(socket.AF_INET6): parse_address("::")}
+_EVENT_TYPES = {t.value: t for t in MptcpEventType}
 
 
-def _attr_dict(msg: Any) -> dict[str, Any]:
-    return {name: value for name, value, *_ in msg["attrs"]}
-
-
-def _addr(attrs: dict[str, Any], which: str) -> Address:
-    raw = attrs.get(f"MPTCP_ATTR_{which}4") or attrs.get(f"MPTCP_ATTR_{which}6")
+def _addr(attrs: dict[int, bytes], v4: int, v6: int) -> Address:
+    raw = attrs.get(v4) or attrs.get(v6)
     if raw is None:
-        family = attrs.get("MPTCP_ATTR_FAMILY", socket.AF_INET)
-        return parse_address("::" if family == socket.AF_INET6 else "0.0.0.0")
-    return parse_address(raw)
+        family = c.as_u16(attrs.get(c.EV_FAMILY), socket.AF_INET)
+        return _UNSPECIFIED.get(family, _UNSPECIFIED[socket.AF_INET])
+    return c.as_address(raw)
 
 
 def decode_event(data: bytes) -> MptcpEvent:
     """One ``mptcp_pm_events`` message -> its typed event."""
-    msg = m.mptcp_event_msg(data)
-    msg.decode()
-    attrs = _attr_dict(msg)
-    cmd = int(msg["cmd"])
-    token = int(attrs.get("MPTCP_ATTR_TOKEN", 0))
-    try:
-        kind = MptcpEventType(cmd)
-    except ValueError:
-        return UnknownMptcpEvent(cmd, tuple(sorted(attrs.items())))
+    cmd, attrs = c.genl_attrs(data)
+    token = c.as_u32(attrs.get(c.EV_TOKEN))
+    kind = _EVENT_TYPES.get(cmd)
+    if kind is None:
+        return UnknownMptcpEvent(cmd, tuple(sorted((str(k), v) for k, v in attrs.items())))
+    if kind in _SUBFLOW_TYPES:
+        return SubflowEvent(
+            type=kind,
+            token=token,
+            local_id=c.as_u8(attrs.get(c.EV_LOC_ID)),
+            remote_id=c.as_u8(attrs.get(c.EV_REM_ID)),
+            saddr=_addr(attrs, c.EV_SADDR4, c.EV_SADDR6),
+            daddr=_addr(attrs, c.EV_DADDR4, c.EV_DADDR6),
+            sport=c.as_be16(attrs.get(c.EV_SPORT)),
+            dport=c.as_be16(attrs.get(c.EV_DPORT)),
+            backup=bool(c.as_u8(attrs.get(c.EV_BACKUP))),
+            ifindex=c.as_s32(attrs.get(c.EV_IF_IDX)),
+            error=c.as_u8(attrs.get(c.EV_ERROR)),
+            reset_reason=c.as_u32(attrs[c.EV_RESET_REASON])
+            if c.EV_RESET_REASON in attrs else None,
+            reset_flags=c.as_u32(attrs[c.EV_RESET_FLAGS]) if c.EV_RESET_FLAGS in attrs else None,
+        )
     if kind in _CONNECTION_TYPES:
-        flags = MptcpEventFlags(int(attrs.get("MPTCP_ATTR_FLAGS", 0)))
+        flags = MptcpEventFlags(c.as_u16(attrs.get(c.EV_FLAGS)))
         return ConnectionEvent(
             type=kind,
             token=token,
-            saddr=_addr(attrs, "SADDR"),
-            daddr=_addr(attrs, "DADDR"),
-            sport=int(attrs.get("MPTCP_ATTR_SPORT", 0)),
-            dport=int(attrs.get("MPTCP_ATTR_DPORT", 0)),
-            server_side=bool(attrs.get("MPTCP_ATTR_SERVER_SIDE", 0))
+            saddr=_addr(attrs, c.EV_SADDR4, c.EV_SADDR6),
+            daddr=_addr(attrs, c.EV_DADDR4, c.EV_DADDR6),
+            sport=c.as_be16(attrs.get(c.EV_SPORT)),
+            dport=c.as_be16(attrs.get(c.EV_DPORT)),
+            server_side=bool(c.as_u8(attrs.get(c.EV_SERVER_SIDE)))
             or MptcpEventFlags.SERVER_SIDE in flags,
             flags=flags,
-            timeout=attrs.get("MPTCP_ATTR_TIMEOUT"),
+            timeout=c.as_u32(attrs[c.EV_TIMEOUT]) if c.EV_TIMEOUT in attrs else None,
         )
     if kind is MptcpEventType.CLOSED:
         return ConnectionClosed(token)
     if kind is MptcpEventType.ANNOUNCED:
         return AddressAnnounced(
             token=token,
-            remote_id=int(attrs.get("MPTCP_ATTR_REM_ID", 0)),
-            daddr=_addr(attrs, "DADDR"),
-            dport=int(attrs.get("MPTCP_ATTR_DPORT", 0)),
+            remote_id=c.as_u8(attrs.get(c.EV_REM_ID)),
+            daddr=_addr(attrs, c.EV_DADDR4, c.EV_DADDR6),
+            dport=c.as_be16(attrs.get(c.EV_DPORT)),
         )
     if kind is MptcpEventType.REMOVED:
-        return AddressRemoved(token, int(attrs.get("MPTCP_ATTR_REM_ID", 0)))
-    if kind in _SUBFLOW_TYPES:
-        return SubflowEvent(
-            type=kind,
-            token=token,
-            local_id=int(attrs.get("MPTCP_ATTR_LOC_ID", 0)),
-            remote_id=int(attrs.get("MPTCP_ATTR_REM_ID", 0)),
-            saddr=_addr(attrs, "SADDR"),
-            daddr=_addr(attrs, "DADDR"),
-            sport=int(attrs.get("MPTCP_ATTR_SPORT", 0)),
-            dport=int(attrs.get("MPTCP_ATTR_DPORT", 0)),
-            backup=bool(attrs.get("MPTCP_ATTR_BACKUP", 0)),
-            ifindex=int(attrs.get("MPTCP_ATTR_IF_IDX", 0)),
-            error=int(attrs.get("MPTCP_ATTR_ERROR", 0)),
-            reset_reason=attrs.get("MPTCP_ATTR_RESET_REASON"),
-            reset_flags=attrs.get("MPTCP_ATTR_RESET_FLAGS"),
-        )
+        return AddressRemoved(token, c.as_u8(attrs.get(c.EV_REM_ID)))
     assert kind in _LISTENER_TYPES
     return ListenerEvent(
-        type=kind, saddr=_addr(attrs, "SADDR"), sport=int(attrs.get("MPTCP_ATTR_SPORT", 0))
+        type=kind, saddr=_addr(attrs, c.EV_SADDR4, c.EV_SADDR6),
+        sport=c.as_be16(attrs.get(c.EV_SPORT)),
     )
 
 

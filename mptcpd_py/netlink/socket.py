@@ -240,6 +240,17 @@ class NetlinkSocket:
                 return await self._request(msg, msg_type, flags, command, slow)
         return await self._request(msg, msg_type, flags, command, slow)
 
+    async def request_bytes(
+        self, payload: bytes, msg_type: int, flags: int, command: str = "", *,
+        slow: bool = False,
+    ) -> list[RawMessage]:
+        """Like :meth:`request` for a payload already encoded (everything
+        after the netlink header)."""
+        if flags & NLM_F_DUMP == NLM_F_DUMP:
+            async with self._dump_lock:
+                return await self._request(payload, msg_type, flags, command, slow)
+        return await self._request(payload, msg_type, flags, command, slow)
+
     async def _request(self, msg: Any, msg_type: int, flags: int, command: str,
                        slow: bool = False) -> list[RawMessage]:
         if self._closed:
@@ -247,19 +258,23 @@ class NetlinkSocket:
         self.start()
         assert self._loop is not None
         seq = self.next_seq()
-        header = msg["header"]
-        header["type"] = msg_type
-        header["flags"] = flags
-        header["sequence_number"] = seq
-        header["pid"] = self.port
-        msg.encode()
+        if isinstance(msg, bytes):
+            data = _HEADER.pack(_HEADER.size + len(msg), msg_type, flags, seq, self.port) + msg
+        else:
+            header = msg["header"]
+            header["type"] = msg_type
+            header["flags"] = flags
+            header["sequence_number"] = seq
+            header["pid"] = self.port
+            msg.encode()
+            data = msg.data
         future: asyncio.Future[list[RawMessage]] = self._loop.create_future()
         self._pending[seq] = _Pending(future, bool(flags & NLM_F_DUMP == NLM_F_DUMP), command)
         try:
             if slow:
-                await self._loop.run_in_executor(_slow_senders(), self.sock.send, msg.data)
+                await self._loop.run_in_executor(_slow_senders(), self.sock.send, data)
             else:
-                self.sock.send(msg.data)
+                self.sock.send(data)
         except OSError as exc:
             del self._pending[seq]
             raise NetlinkError(f"{command or 'netlink'}: send failed: {exc.strerror}") from exc

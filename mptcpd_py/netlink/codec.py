@@ -1,0 +1,157 @@
+"""A struct codec for the ``mptcp_pm`` generic netlink family.
+
+pyroute2's generic message objects cost ~40 us to encode a command and
+~50 us to decode an event: in a burst of 1000 userspace-PM connections that
+was 72% of the daemon's CPU. The family's wire format is small and fixed
+(``mptcp_pm.yaml``), so commands are packed and events unpacked here with
+``struct``; the pyroute2 classes in :mod:`messages` remain the declarative
+reference the unit tests check this codec against.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from typing import Any
+
+from mptcpd_py.netlink.types import Address
+
+NLA_F_NESTED = 0x8000
+_NLA = struct.Struct("=HH")
+_GENL = struct.Struct("=BBH")
+_U32 = struct.Struct("=I")
+_S32 = struct.Struct("=i")
+_U16 = struct.Struct("=H")
+_BE16 = struct.Struct("!H")
+
+# MPTCP_PM_ATTR_*
+ATTR_ADDR, ATTR_RCV_ADD_ADDRS, ATTR_SUBFLOWS, ATTR_TOKEN, ATTR_LOC_ID, ATTR_ADDR_REMOTE = \
+    1, 2, 3, 4, 5, 6
+# MPTCP_PM_ADDR_ATTR_*
+ADDR_FAMILY, ADDR_ID, ADDR_ADDR4, ADDR_ADDR6, ADDR_PORT, ADDR_FLAGS, ADDR_IF_IDX = \
+    1, 2, 3, 4, 5, 6, 7
+# MPTCP_ATTR_* (events)
+EV_TOKEN, EV_FAMILY, EV_LOC_ID, EV_REM_ID, EV_SADDR4, EV_SADDR6, EV_DADDR4, EV_DADDR6 = \
+    1, 2, 3, 4, 5, 6, 7, 8
+EV_SPORT, EV_DPORT, EV_BACKUP, EV_ERROR, EV_FLAGS, EV_TIMEOUT, EV_IF_IDX = \
+    9, 10, 11, 12, 13, 14, 15
+EV_RESET_REASON, EV_RESET_FLAGS, EV_SERVER_SIDE = 16, 17, 18
+
+
+def nla(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return _NLA.pack(length, kind) + payload + b"\0" * ((4 - length % 4) % 4)
+
+
+def u8(kind: int, value: int) -> bytes:
+    return nla(kind, bytes((value,)))
+
+
+def u16(kind: int, value: int) -> bytes:
+    return nla(kind, _U16.pack(value))
+
+
+def u32(kind: int, value: int) -> bytes:
+    return nla(kind, _U32.pack(value))
+
+
+def s32(kind: int, value: int) -> bytes:
+    return nla(kind, _S32.pack(value))
+
+
+def address_attr(
+    kind: int,
+    address: Address | None = None,
+    *,
+    id: int | None = None,
+    flags: int | None = None,
+    ifindex: int = 0,
+    port: int = 0,
+) -> bytes:
+    """A nested MPTCP_PM_ATTR_ADDR / ADDR_REMOTE."""
+    parts = []
+    if address is not None:
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        parts.append(u16(ADDR_FAMILY, family))
+        parts.append(nla(ADDR_ADDR4 if address.version == 4 else ADDR_ADDR6, address.packed))
+    if id is not None:
+        parts.append(u8(ADDR_ID, id))
+    if port:
+        parts.append(u16(ADDR_PORT, port))
+    if flags is not None:
+        parts.append(u32(ADDR_FLAGS, int(flags)))
+    if ifindex:
+        parts.append(s32(ADDR_IF_IDX, ifindex))
+    return nla(kind | NLA_F_NESTED, b"".join(parts))
+
+
+def genl_payload(cmd: int, version: int, *attrs: bytes) -> bytes:
+    """genlmsghdr + attributes (the netlink header is the socket's job)."""
+    return _GENL.pack(cmd, version, 0) + b"".join(attrs)
+
+
+def parse_attrs(data: bytes, offset: int = 0, end: int | None = None) -> dict[int, bytes]:
+    """TLVs -> {type: payload}; a malformed tail ends the walk."""
+    out: dict[int, bytes] = {}
+    end = len(data) if end is None else end
+    while offset + 4 <= end:
+        length, kind = _NLA.unpack_from(data, offset)
+        if length < 4 or offset + length > end:
+            break
+        out[kind & 0x3FFF] = data[offset + 4: offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def genl_attrs(message: bytes) -> tuple[int, dict[int, bytes]]:
+    """(cmd, attributes) of a whole generic netlink message."""
+    cmd = message[16]
+    return cmd, parse_attrs(message, 20)
+
+
+def as_u8(raw: bytes | None, default: int = 0) -> int:
+    return raw[0] if raw else default
+
+
+def as_u16(raw: bytes | None, default: int = 0) -> int:
+    return _U16.unpack_from(raw)[0] if raw and len(raw) >= 2 else default
+
+
+def as_be16(raw: bytes | None, default: int = 0) -> int:
+    return _BE16.unpack_from(raw)[0] if raw and len(raw) >= 2 else default
+
+
+def as_u32(raw: bytes | None, default: int = 0) -> int:
+    return _U32.unpack_from(raw)[0] if raw and len(raw) >= 4 else default
+
+
+def as_s32(raw: bytes | None, default: int = 0) -> int:
+    return _S32.unpack_from(raw)[0] if raw and len(raw) >= 4 else default
+
+
+_ADDRESS_CACHE: dict[bytes, Address] = {}
+
+
+def as_address(raw: bytes) -> Address:
+    """Packed 4 or 16 bytes -> address object (memoised: the same few
+    addresses come back in every event)."""
+    found = _ADDRESS_CACHE.get(raw)
+    if found is None:
+        found = ipaddress.ip_address(bytes(raw[:16] if len(raw) >= 16 else raw[:4]))
+        if len(_ADDRESS_CACHE) > 65536:
+            _ADDRESS_CACHE.clear()
+        _ADDRESS_CACHE[bytes(raw)] = found
+    return found
+
+
+def decode_address_attr(raw: bytes) -> dict[str, Any]:
+    attrs = parse_attrs(raw)
+    packed = attrs.get(ADDR_ADDR4) or attrs.get(ADDR_ADDR6)
+    return {
+        "address": as_address(packed) if packed else None,
+        "id": as_u8(attrs.get(ADDR_ID)),
+        "port": as_u16(attrs.get(ADDR_PORT)),
+        "flags": as_u32(attrs.get(ADDR_FLAGS)),
+        "ifindex": as_s32(attrs.get(ADDR_IF_IDX)),
+    }
