@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from mptcpd_py.netlink.diag import DiagSubflow
+from mptcpd_py.netlink.diag import DiagSubflow, SockDiag
 from mptcpd_py.netlink.types import (
     Address,
     AddressAnnounced,
@@ -139,6 +139,18 @@ class ConnectionTable:
             rec.changed()
             return rec
         return None
+
+    async def resync(self, netns: str | None = None) -> None:
+        """Re-read every subflow and MPTCP listener (sock_diag) and rebuild.
+        Raises KernelError when the kernel cannot be asked."""
+        diag = SockDiag(netns)
+        try:
+            subflows = await diag.subflows()
+            listeners = await diag.mptcp_listeners()
+        finally:
+            diag.close()
+        self.listeners = set(listeners)
+        self.rebuild(subflows, {port for _, port in listeners})
 
     def rebuild(self, subflows: list[DiagSubflow], listener_ports: set[int]) -> None:
         """Replace the table with what sock_diag shows (after lost events).

@@ -30,7 +30,6 @@ from mptcpd_py.kernel_settings import apply_kernel_settings, restore_kernel_sett
 from mptcpd_py.loader import Available
 from mptcpd_py.logging import get_logger
 from mptcpd_py.model import NetworkModel, NetworkSnapshot
-from mptcpd_py.netlink.diag import SockDiag
 from mptcpd_py.netlink.mptcp import MptcpEvents, MptcpPM
 from mptcpd_py.netlink.probe import probe_capabilities
 from mptcpd_py.netlink.rtnl import Rtnl, RtnlEvents
@@ -250,17 +249,10 @@ class Core:
             self.stats.latencies.append(time.perf_counter() - started)
 
     async def _rebuild_connections(self) -> None:
-        diag = SockDiag(self.netns)
         try:
-            subflows = await diag.subflows()
-            listeners = await diag.mptcp_listeners()
+            await self.connections.resync(self.netns)
         except KernelError as exc:
             self.log.error("connection table resync failed", error=str(exc))
-            return
-        finally:
-            diag.close()
-        self.connections.listeners = set(listeners)
-        self.connections.rebuild(subflows, {port for _, port in listeners})
 
     def _publish_rtnl(self, event: RtnlEvent) -> None:
         if isinstance(event, AddressEvent):

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from mptcpd_py.connections import ConnectionRecord, ConnectionTable
 from mptcpd_py.errors import KernelError, NotConnected
 from mptcpd_py.model import NetworkSnapshot
-from mptcpd_py.netlink.diag import SockDiag
 from mptcpd_py.netlink.types import (
     AddressAnnounced,
     AddressRemoved,
@@ -72,17 +71,11 @@ class UserspacePM:
     async def resync(self) -> None:
         """Rebuild the table from sock_diag, then let the plugins act on
         every established connection as if the network had changed."""
-        diag = SockDiag(self.core.netns)
         try:
-            subflows = await diag.subflows()
-            listeners = await diag.mptcp_listeners()
+            await self.table.resync(self.core.netns)
         except KernelError as exc:
             self.log.error("connection table resync failed", error=str(exc))
             return
-        finally:
-            diag.close()
-        self.table.listeners = set(listeners)
-        self.table.rebuild(subflows, {port for _, port in listeners})
         self.log.info("connection table rebuilt", connections=len(self.table))
         await self.network_changed(self.core.model.snapshot())
 
