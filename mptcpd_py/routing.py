@@ -7,7 +7,10 @@ its own interface. This does it for every endpoint address whose interface
 has a default gateway, and undoes it when the endpoint goes.
 
 Only rules and routes recorded in the state file are ever removed; tables
-are ``table_base + ifindex``.
+are ``table_base + ifindex``. A rule or table route that already exists and
+that no other owned address explains belongs to someone else (an admin, a
+network manager): the address is then left to its owner, nothing of it is
+recorded, and a full pass looks again once that object has gone.
 """
 
 from __future__ import annotations
@@ -76,6 +79,11 @@ def _rule(r: OwnedRoute) -> Rule:
                 src=_host(r.address))
 
 
+def _route_key(route: Route) -> tuple[Any, ...]:
+    """What identifies a route in a table (a dump adds protocol, metrics...)."""
+    return (route.family, route.dst, route.table, route.gateway, route.oif)
+
+
 def _table_routes(r: OwnedRoute) -> list[Route]:
     family = _family(r.address)
     routes = []
@@ -98,6 +106,8 @@ class SourceRouting:
         self.log = log
         self.errors = 0
         self.last_error = ""
+        # Addresses whose rule or table route someone else made, with that object.
+        self.foreign: dict[Address, tuple[OwnedRoute, Rule | Route]] = {}
 
     @property
     def owned(self) -> dict[Address, OwnedRoute]:
@@ -106,11 +116,16 @@ class SourceRouting:
     async def reconcile(self, wanted: dict[Address, OwnedRoute], *, verify: bool = False) -> None:
         if verify and self.owned:
             await self._verify()
+        if verify and self.foreign:
+            await self._recheck_foreign()
         for address, have in list(self.owned.items()):
             if wanted.get(address) != have:
                 await self._remove(have)
+        for address, (want, _) in list(self.foreign.items()):
+            if wanted.get(address) != want:
+                del self.foreign[address]
         for address, want in wanted.items():
-            if address not in self.owned:
+            if address not in self.owned and address not in self.foreign:
                 await self._add(want)
 
     async def _verify(self) -> None:
@@ -125,6 +140,19 @@ class SourceRouting:
                 self.owned.pop(address, None)
         self.store.save()
 
+    async def _recheck_foreign(self) -> None:
+        """Forget conflicts whose object has gone: the address is tried again."""
+        try:
+            rules = set(await self.rtnl.rules())
+            routes = {_route_key(route) for route in await self.rtnl.routes()}
+        except KernelError as exc:
+            self.log.warning("cannot dump rules and routes", error=str(exc))
+            return
+        for address, (_, found) in list(self.foreign.items()):
+            present = found in rules if isinstance(found, Rule) else _route_key(found) in routes
+            if not present:
+                del self.foreign[address]
+
     def _still_used(self, r: OwnedRoute) -> list[Route]:
         """The table routes of ``r`` that another owned address still needs."""
         others = [o for o in self.owned.values()
@@ -136,22 +164,49 @@ class SourceRouting:
     async def _add(self, r: OwnedRoute) -> None:
         self.owned[r.address] = r
         self.store.save()
+        shared = self._still_used(r)
+        added: list[Route] = []
+        conflict: Rule | Route | None = None
         try:
             for route in _table_routes(r):
-                with contextlib.suppress(EndpointExists):  # shared with another address
+                try:
                     await self.rtnl.add_route(route)
-            with contextlib.suppress(EndpointExists):
-                await self.rtnl.add_rule(_rule(r))
+                    added.append(route)
+                except EndpointExists:
+                    if route not in shared:
+                        conflict = route
+                        break
+            if conflict is None:
+                try:
+                    await self.rtnl.add_rule(_rule(r))
+                except EndpointExists:
+                    conflict = _rule(r)
         except KernelError as exc:
-            self.owned.pop(r.address, None)
-            self.store.save()
+            await self._undo(r, added)
             self.errors += 1
             self.last_error = str(exc)
             self.log.warning("source route not added", addr=str(r.address), table=r.table,
                              error=str(exc))
             return
+        if conflict is not None:
+            await self._undo(r, added)
+            self.foreign[r.address] = (r, conflict)
+            what = (f"rule from {conflict.src} lookup {conflict.table}"
+                    if isinstance(conflict, Rule)
+                    else f"route {conflict.dst} in table {conflict.table}")
+            self.log.info("source route left to its owner", addr=str(r.address),
+                          table=r.table, existing=what)
+            return
         self.log.info("source route added", addr=str(r.address), table=r.table,
                       gateway=str(r.gateway))
+
+    async def _undo(self, r: OwnedRoute, added: list[Route]) -> None:
+        """Take back the routes one failed ``_add`` made, and its record."""
+        for route in reversed(added):
+            with contextlib.suppress(KernelError):
+                await self.rtnl.delete_route(route)
+        self.owned.pop(r.address, None)
+        self.store.save()
 
     async def _remove(self, r: OwnedRoute) -> None:
         keep = self._still_used(r)

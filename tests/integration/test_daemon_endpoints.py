@@ -20,13 +20,32 @@ def eth(ns: Netns, name: str = "eth0") -> None:
 
 
 def _children(pid: int) -> list[int]:
-    """The process and its descendants (ip netns exec may fork)."""
+    """The process and its descendants (ip netns exec may fork); a process
+    that exits while it is being read is skipped."""
     out = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return []
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
         for child in children:
             out.extend(_children(int(child)))
     return out
+
+
+def _comms(pid: int) -> set[str]:
+    """The command names of a process and its descendants."""
+    names = set()
+    for each in _children(pid):
+        try:
+            names.add(Path(f"/proc/{each}/comm").read_text().strip())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return names
 
 
 def endpoints(ns: Netns) -> dict[str, dict]:
@@ -167,8 +186,7 @@ def test_default_route_added_later_makes_the_address_eligible_at_once(
         box: Netns, daemons, tmp_path: Path) -> None:
     cfg = daemon_config(str(tmp_path / "state"),
                         extra="[network]\nrequire_default_route = true\n")
-    d = daemons(box, cfg).start()
-    time.sleep(0.2)
+    d = daemons(box, cfg).start()  # READY follows the first full reconcile
     assert "192.0.2.1" not in endpoints(box)
     box.ip("route", "add", "default", "via", "192.0.2.254", "dev", "eth0")
     wait_for(lambda: "192.0.2.1" in endpoints(box), timeout=2, what="eligible on route")
@@ -187,8 +205,7 @@ def test_another_path_manager_in_the_namespace_refuses_start(
     fake = box.popen(["python3", "-c", "open('/proc/self/comm','w').write('mptcpd');"
                       "import time; time.sleep(30)"])
     try:
-        wait_for(lambda: any(Path(f"/proc/{pid}/comm").read_text().strip() == "mptcpd"
-                             for pid in _children(fake.pid)), timeout=5)
+        wait_for(lambda: "mptcpd" in _comms(fake.pid), timeout=5)
         d = daemons(box, daemon_config(str(tmp_path / "state")))
         d.start(wait_ready=False)
         assert d.proc.wait(timeout=20) == 1
@@ -215,8 +232,7 @@ def test_network_manager_in_the_namespace_is_warned_about_not_fought(
     fake = box.popen(["python3", "-c", "open('/proc/self/comm','w').write('NetworkManager');"
                       "import time; time.sleep(30)"])
     try:
-        wait_for(lambda: any(Path(f"/proc/{pid}/comm").read_text().strip() == "NetworkManager"
-                             for pid in _children(fake.pid)), timeout=5)
+        wait_for(lambda: "NetworkManager" in _comms(fake.pid), timeout=5)
         d = daemons(box, daemon_config(str(tmp_path / "state"))).start()
         line = d.wait_log("NetworkManager is running here and may manage MPTCP endpoints "
                           "(connection.mptcp-flags); mptcpd-py never touches endpoints it did "
@@ -227,3 +243,49 @@ def test_network_manager_in_the_namespace_is_warned_about_not_fought(
     finally:
         fake.kill()
         fake.wait()
+
+
+def test_source_routes_spare_rules_and_tables_the_admin_made(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    """An admin's rule and table routes survive the daemon's whole life, even
+    when they are exactly what the daemon would have added itself."""
+    eth(box, "eth2")
+    box.ip("addr", "add", "198.51.100.1/24", "dev", "eth2")
+    box.ip("route", "add", "default", "via", "192.0.2.254", "dev", "eth0")
+    box.ip("route", "add", "default", "via", "198.51.100.254", "dev", "eth2", "metric", "10")
+    eth2 = box.ip_json("link", "show", "eth2")[0]["ifindex"]
+    table = 10000 + eth2  # what the daemon would pick for eth2 (table_base + ifindex)
+    admin = [
+        ("rule", "add", "from", "198.51.100.1", "lookup", str(table), "pref", "10000"),
+        ("route", "add", "default", "via", "198.51.100.254", "dev", "eth2", "table", str(table)),
+        ("rule", "add", "from", "203.0.113.0/24", "lookup", "200", "pref", "10000"),
+        ("route", "add", "default", "via", "192.0.2.254", "dev", "eth0", "table", "200"),
+    ]
+    for command in admin:
+        box.ip(*command)
+
+    def admin_routing_intact(eth2_route: bool = True) -> bool:
+        rules = box.ip("rule", "show")
+        routes = box.ip("route", "show", "table", "all")
+        return (f"from 198.51.100.1 lookup {table}" in rules
+                and "from 203.0.113.0/24 lookup 200" in rules
+                and (f"default via 198.51.100.254 dev eth2 table {table}" in routes
+                     or not eth2_route)
+                and "default via 192.0.2.254 dev eth0 table 200" in routes)
+
+    d = daemons(box, daemon_config(str(tmp_path / "state"))).start()
+    wait_for(lambda: {"192.0.2.1", "198.51.100.1"} <= set(endpoints(box)), what="endpoints")
+    wait_for(lambda: "from 192.0.2.1 lookup" in box.ip("rule", "show"), what="own rule")
+    d.wait_log("source route left to its owner", addr="198.51.100.1")
+    assert admin_routing_intact()
+    assert d.stop() == 0
+    assert "from 192.0.2.1 lookup" not in box.ip("rule", "show")
+    assert admin_routing_intact()
+    # Once more with the address going away while the daemon runs (the kernel
+    # itself drops the eth2 table route then: its gateway is unreachable).
+    d = daemons(box, daemon_config(str(tmp_path / "state")), name="d2").start()
+    d.wait_log("source route left to its owner", addr="198.51.100.1")
+    box.ip("addr", "del", "198.51.100.1/24", "dev", "eth2")
+    wait_for(lambda: "198.51.100.1" not in endpoints(box), what="endpoint removed")
+    assert d.stop() == 0
+    assert admin_routing_intact(eth2_route=False)
