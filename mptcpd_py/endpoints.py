@@ -7,12 +7,17 @@ re-plans after a surprise (someone else changed the kernel meanwhile).
 
 Rules the plan follows:
 - only endpoints the daemon created are ever changed or deleted; one is
-  "ours" when its id *and* address match the state file;
+  "ours" when its id *and* address match the state file. The kernel deletes
+  and changes flags by id alone, so the id is read back just before: an id
+  that someone else re-used (after a flush, say) is never touched;
 - the in-kernel PM holds 8 endpoints; foreign ones count, ours go to the
   highest-priority desired addresses, the rest wait and are promoted when
   a slot frees;
 - a flag change the kernel can make in place (backup, fullmesh) is a
   SET_FLAGS; any other difference is delete + add;
+- an implicit endpoint (the kernel's, for a subflow on an address without
+  one) is replaced by an add *without* an id: the kernel refuses an explicit
+  id there (EINVAL) and gives the new endpoint the implicit one's id;
 - deletes run first (they free slots), then flag changes, then adds.
 """
 
@@ -55,6 +60,7 @@ class PathManagerAPI(Protocol):
     async def add_endpoint(self, address: Address, flags: EndpointFlags = ..., *,
                            id: int = 0, ifindex: int = 0, port: int = 0) -> Endpoint: ...
     async def delete_endpoint(self, id: int, address: Address | None = None) -> None: ...
+    async def get_endpoint(self, id: int, token: int | None = None) -> Endpoint: ...
     async def endpoints(self, token: int | None = None) -> list[Endpoint]: ...
     async def set_endpoint_flags(self, flags: EndpointFlags, *, id: int | None = None,
                                  address: Address | None = None) -> None: ...
@@ -69,6 +75,7 @@ class Operation:
     endpoint: OwnedEndpoint
     reason: str
     old_flags: EndpointFlags = EndpointFlags.NONE
+    replaces_implicit: bool = False  # add without an id; the kernel keeps the implicit's id
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,11 @@ def plan(
                 kept.append(replace(rec, plugin=intent.plugin) if rec.plugin != intent.plugin
                             else rec)
             continue
+        if intent.key in replaceable:
+            implicit = foreign_by_key[intent.key]
+            adds.append(Operation(ADD, replace(record, id=implicit.id),
+                                  intent.reason or "wanted", replaces_implicit=True))
+            continue
         new_id, next_id = _allocate_id(used, next_id)
         used.add(new_id)
         adds.append(Operation(ADD, replace(record, id=new_id), intent.reason or "wanted"))
@@ -237,6 +249,11 @@ class EndpointReconciler:
         self.on_operation = on_operation  # callback(kind, OwnedEndpoint, reason, ok, error)
         self.ifname_of = ifname_of or (lambda index: "")
         self._deleted_externally: dict[Key, list[float]] = {}
+        # Records that may not exist in the kernel: loaded from the state file
+        # (a crash may have come between the journal line and the kernel's
+        # reply) or left by an interrupted add. One found missing is simply
+        # forgotten, not blamed on someone else.
+        self._unconfirmed: set[Key] = set(self.owned)
 
     @property
     def owned(self) -> dict[Key, OwnedEndpoint]:
@@ -266,7 +283,8 @@ class EndpointReconciler:
         for _attempt in range(3):
             # Forget what vanished first, so this very pass knows whether the
             # address is now contested.
-            _present, gone, _foreign = match_owned(self.observed, self.owned)
+            present, gone, _foreign = match_owned(self.observed, self.owned)
+            self._unconfirmed.difference_update(present)
             if gone:
                 self._forget(gone, result)
             current = plan(
@@ -291,8 +309,13 @@ class EndpointReconciler:
         now = time.monotonic()
         for rec in gone:
             self.store.drop_endpoint(rec)
-            self._deleted_externally.setdefault(rec.key, []).append(now)
             result.forgotten.append(rec)
+            if rec.key in self._unconfirmed:
+                self._unconfirmed.discard(rec.key)
+                self.log.info("owned endpoint not in the kernel; forgetting it",
+                              addr=str(rec.address), endpoint_id=rec.id)
+                continue
+            self._deleted_externally.setdefault(rec.key, []).append(now)
             self.log.warning("endpoint deleted by someone else", addr=str(rec.address),
                              endpoint_id=rec.id, ifname=self.ifname_of(rec.ifindex))
             if len(self._deleted_externally[rec.key]) == self.CONTEST_LIMIT:
@@ -305,9 +328,15 @@ class EndpointReconciler:
         we thought (re-read and re-plan)."""
         surprised = False
         self.store.state.next_id = current.next_id
-        for op in current.operations:
-            rec = op.endpoint
+        for planned in current.operations:
+            op, rec = planned, planned.endpoint
             try:
+                if op.kind in (DELETE, SET_FLAGS) and not await self._still_ours(rec):
+                    # Our id now names nothing, or someone else's endpoint.
+                    surprised = True
+                    self.observed = [e for e in self.observed if e.id != rec.id]
+                    self._forget([rec], result)
+                    continue
                 if op.kind == DELETE:
                     try:
                         await self.pm.delete_endpoint(rec.id, rec.address)
@@ -323,17 +352,8 @@ class EndpointReconciler:
                                 | (rec.flags & CHANGEABLE_FLAGS))
                         if e.id == rec.id else e for e in self.observed
                     ]
-                else:  # ADD: journal first, so a crash right after is adoptable
-                    self.store.put_endpoint(rec)
-                    try:
-                        await self.pm.add_endpoint(rec.address, rec.flags, id=rec.id,
-                                                   ifindex=rec.ifindex, port=rec.port)
-                    except BaseException:
-                        self.store.drop_endpoint(rec)
-                        raise
-                    self.observed = [e for e in self.observed if e.key != rec.key]
-                    self.observed.append(Endpoint(rec.id, rec.address, rec.flags, rec.ifindex,
-                                                  rec.port))
+                else:
+                    op = replace(planned, endpoint=await self._add(planned))
             except (EndpointExists, EndpointIdBusy, NoSuchEndpoint) as exc:
                 surprised = True
                 self._failed(op, exc, result, level="info")
@@ -350,6 +370,38 @@ class EndpointReconciler:
             if self.on_operation is not None:
                 self.on_operation(op, None)
         return surprised
+
+    async def _still_ours(self, rec: OwnedEndpoint) -> bool:
+        """Read the id back: the kernel acts on the id alone, whatever the address."""
+        try:
+            current = await self.pm.get_endpoint(rec.id)
+        except NoSuchEndpoint:
+            return False
+        return current.key == rec.key
+
+    async def _add(self, op: Operation) -> OwnedEndpoint:
+        """Journal first, so a crash right after the kernel's reply is adoptable."""
+        rec = op.endpoint
+        self.store.put_endpoint(rec)
+        try:
+            added = await self.pm.add_endpoint(
+                rec.address, rec.flags, id=0 if op.replaces_implicit else rec.id,
+                ifindex=rec.ifindex, port=rec.port)
+        except KernelError:
+            self.store.drop_endpoint(rec)  # refused: nothing was made
+            raise
+        except BaseException:
+            # Interrupted (cancelled at shutdown, a socket error): the kernel
+            # may have made it. The record stays; a dump settles it.
+            self._unconfirmed.add(rec.key)
+            raise
+        if added.id != rec.id:  # an implicit endpoint's id, read back by the add
+            self.store.drop_endpoint(rec)
+            rec = replace(rec, id=added.id)
+            self.store.put_endpoint(rec)
+        self.observed = [e for e in self.observed if e.key != rec.key and e.id != rec.id]
+        self.observed.append(Endpoint(rec.id, rec.address, rec.flags, rec.ifindex, rec.port))
+        return rec
 
     def _failed(self, op: Operation, exc: KernelError, result: PassResult, level: str) -> None:
         result.failed.append((op, exc))

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from mptcpd_py.netlink.types import EndpointFlags
 from mptcpd_py.netns import NETNS_RUN_DIR, in_netns
 
 IPPROTO_MPTCP = 262
@@ -96,6 +97,10 @@ class Netns:
             for word in it:
                 if word in ("id", "dev", "port"):
                     row[word] = next(it, "")
+                elif word == "rawflags":  # flags this iproute2 has no name for
+                    raw = int(next(it, "0"), 16)
+                    row["flags"].update(name.lower() for name, bit in
+                                        EndpointFlags.__members__.items() if bit and raw & bit)
                 else:
                     row["flags"].add(word)
             if "id" in row:

@@ -4,13 +4,27 @@ crashes, deletions and reloads."""
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from mptcpd_py.lab import Lab, Netns, daemon_config, wait_for
+from mptcpd_py.lab import (
+    Lab,
+    Netns,
+    TwoPaths,
+    daemon_config,
+    mptcp_connect,
+    mptcp_listen,
+    subflows_by_token,
+    wait_for,
+)
+from mptcpd_py.netlink.mptcp import MptcpPM
+
+A = ipaddress.ip_address
 
 
 def eth(ns: Netns, name: str = "eth0") -> None:
@@ -289,3 +303,61 @@ def test_source_routes_spare_rules_and_tables_the_admin_made(
     wait_for(lambda: "198.51.100.1" not in endpoints(box), what="endpoint removed")
     assert d.stop() == 0
     assert admin_routing_intact(eth2_route=False)
+
+
+def test_an_id_reused_by_the_admin_after_a_flush_is_never_deleted(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    """The kernel deletes by id alone and a flush restarts its ids at 1: the
+    daemon reads an id back before deleting it."""
+    box.ip("addr", "add", "198.51.100.1/24", "dev", "eth1")
+    d = daemons(box, daemon_config(str(tmp_path / "state"))).start()
+    wait_for(lambda: {"192.0.2.1", "198.51.100.1"} <= set(endpoints(box)), what="endpoints")
+    ours = endpoints(box)["192.0.2.1"]["id"]
+    box.ip("mptcp", "endpoint", "flush")
+    box.ip("mptcp", "endpoint", "add", "203.0.113.7", "id", str(ours), "signal")
+    box.ip("addr", "del", "192.0.2.1/24", "dev", "eth0")  # the daemon's delete of `ours`
+    d.send(signal.SIGHUP)  # a full pass: the flushed 198.51.100.1 comes back
+    wait_for(lambda: "198.51.100.1" in endpoints(box), what="re-added after the flush")
+    assert endpoints(box)["203.0.113.7"] == {"address": "203.0.113.7", "id": ours,
+                                             "flags": {"signal"}}
+    assert d.stop() == 0
+    assert set(endpoints(box)) == {"203.0.113.7"}
+    assert d.errors() == []
+
+
+def test_an_implicit_endpoint_is_taken_over_with_its_id(lab: Lab, daemons,
+                                                       tmp_path: Path) -> None:
+    """A subflow to an address without an endpoint makes the kernel add an
+    implicit one; the daemon replaces it (the kernel only allows that
+    without an explicit id) instead of failing on every pass."""
+    tp = TwoPaths(lab)
+    tp.client.sysctl("net.mptcp.path_manager", "userspace")
+    listener = mptcp_listen(tp.server, "0.0.0.0")
+    port = listener.getsockname()[1]
+    pair = mptcp_connect(tp.client, listener, address=tp.server_addr(0))
+    try:
+        pair.server.sendall(b"x")  # the client's ESTABLISHED waits for peer data
+        pair.client.recv(1)
+        (token,) = subflows_by_token(tp.client)
+
+        async def join_second_server_address() -> None:
+            pm = await MptcpPM.open(netns=tp.client.name)
+            try:
+                await pm.subflow_create(token, A(tp.client_addr(1)), 5,
+                                        A(tp.server_addr(1)), port)
+            finally:
+                pm.close()
+
+        asyncio.run(join_second_server_address())
+        implicit = wait_for(lambda: next((row for row in tp.server.endpoints()
+                                          if "implicit" in row.get("flags", set())), None),
+                            what="implicit endpoint")
+        assert implicit["address"] == tp.server_addr(1)
+        d = daemons(tp.server, daemon_config(str(tmp_path / "state"))).start()
+        wait_for(lambda: endpoints(tp.server).get(tp.server_addr(1), {}).get("flags")
+                 == {"subflow"}, what="implicit endpoint replaced")
+        assert endpoints(tp.server)[tp.server_addr(1)]["id"] == implicit["id"]
+        assert d.errors() == []
+        assert d.stop() == 0
+    finally:
+        pair.close()

@@ -3,6 +3,7 @@ that injects the refusals a real one gives only by accident."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 from dataclasses import replace
@@ -16,6 +17,7 @@ from mptcpd_py.errors import (
     EndpointExists,
     EndpointIdBusy,
     EndpointTableFull,
+    InvalidArgument,
     KernelError,
     NoSuchEndpoint,
 )
@@ -58,9 +60,10 @@ def test_foreign_endpoints_are_never_touched_even_for_a_wanted_address() -> None
     assert [i.address for i in p.foreign] == [A("192.0.2.1")]
 
 
-def test_implicit_kernel_endpoint_is_replaced_by_an_add() -> None:
+def test_implicit_kernel_endpoint_is_replaced_by_an_add_that_keeps_its_id() -> None:
     p = plan([want("192.0.2.1")], [ep(3, "192.0.2.1", F.IMPLICIT)], {})
-    assert kinds(p) == [(ADD, "192.0.2.1", 1)]
+    assert kinds(p) == [(ADD, "192.0.2.1", 3)]
+    assert p.operations[0].replaces_implicit
 
 
 def test_owned_endpoint_no_longer_wanted_is_deleted_and_kept_ones_stay() -> None:
@@ -149,13 +152,26 @@ class FakeKernel:
                            ifindex: int = 0, port: int = 0) -> Endpoint:
         self.calls.append(("add", (str(address), id)))
         self._maybe_fail("add", address)
-        if any(e.address == address for e in self.eps.values()):
+        same = [e for e in self.eps.values() if e.address == address]
+        if same and F.IMPLICIT not in same[0].flags:
             raise EndpointExists(errno.EEXIST, "", "add endpoint")
+        if same and id:  # the kernel replaces an implicit endpoint only without an id
+            raise InvalidArgument(errno.EINVAL, "", "add endpoint")
+        if same:
+            id = same[0].id
+            del self.eps[id]
         if id in self.eps:
             raise EndpointIdBusy(errno.EBUSY, "", "add endpoint")
         if len(self.eps) >= 8:
             raise EndpointTableFull(errno.ERANGE, "", "add endpoint")
+        id = id or min(set(range(1, 256)) - set(self.eps))
         self.eps[id] = Endpoint(id, address, flags, ifindex, port)
+        return self.eps[id]
+
+    async def get_endpoint(self, id: int, token: int | None = None) -> Endpoint:
+        self.calls.append(("get", id))
+        if id not in self.eps:
+            raise NoSuchEndpoint(errno.EINVAL, "address not found", "get endpoint")
         return self.eps[id]
 
     async def delete_endpoint(self, id: int, address: Any = None) -> None:
@@ -263,3 +279,71 @@ async def test_remove_all_deletes_only_what_we_own(rig) -> None:
     assert [str(r.address) for r in removed] == ["192.0.2.1"]
     assert list(kernel.eps) == [50]
     assert store.state.endpoints == {}
+
+
+async def test_an_id_someone_else_reused_is_never_deleted_or_changed(rig) -> None:
+    """Events plan against a cached dump; the kernel deletes by id alone. After
+    an admin's flush the same id can name the admin's endpoint."""
+    kernel, rec, store, _ = rig
+    await rec.reconcile([want("192.0.2.1"), want("192.0.2.2")], full=True)
+    ours = {str(e.address): e.id for e in kernel.eps.values()}
+    kernel.eps.clear()  # ip mptcp endpoint flush; ip mptcp endpoint add 203.0.113.7 ...
+    kernel.eps[ours["192.0.2.1"]] = Endpoint(ours["192.0.2.1"], A("203.0.113.7"), F.SIGNAL)
+    kernel.eps[ours["192.0.2.2"]] = Endpoint(ours["192.0.2.2"], A("203.0.113.8"), F.SUBFLOW)
+    # 192.0.2.1 goes away (a delete is planned); 192.0.2.2 becomes backup (a SET_FLAGS).
+    await rec.reconcile([want("192.0.2.2", F.SUBFLOW | F.BACKUP)])
+    assert kernel.eps[ours["192.0.2.1"]].address == A("203.0.113.7")
+    assert kernel.eps[ours["192.0.2.2"]] == Endpoint(ours["192.0.2.2"], A("203.0.113.8"),
+                                                     F.SUBFLOW)
+    assert ("delete", ours["192.0.2.1"]) not in kernel.calls
+    assert ("set_flags", ours["192.0.2.2"]) not in kernel.calls
+    mine = {str(r.address): r for r in store.state.endpoints.values()}
+    assert set(mine) == {"192.0.2.2"}  # re-added under a fresh id, with backup
+    assert kernel.eps[mine["192.0.2.2"].id].flags == F.SUBFLOW | F.BACKUP
+
+
+async def test_implicit_endpoint_is_replaced_in_the_kernel_and_owned(rig) -> None:
+    kernel, rec, store, log = rig
+    kernel.eps[4] = Endpoint(4, A("192.0.2.1"), F.IMPLICIT)
+    await rec.reconcile([want("192.0.2.1")], full=True)
+    assert kernel.eps == {4: Endpoint(4, A("192.0.2.1"), F.SUBFLOW, 2)}
+    assert [r.id for r in store.state.endpoints.values()] == [4]
+    assert not [line for line in log.lines if line[0] in ("warning", "error")]
+
+
+async def test_an_interrupted_add_keeps_its_record_so_the_endpoint_is_not_leaked(
+        rig, tmp_path) -> None:
+    kernel, rec, store, _ = rig
+    real_add = kernel.add_endpoint
+
+    async def add_then_cancelled(*args: Any, **kwargs: Any) -> Endpoint:
+        await real_add(*args, **kwargs)  # the kernel made it...
+        raise asyncio.CancelledError  # ...and the daemon was stopped before the ack
+
+    kernel.add_endpoint = add_then_cancelled  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await rec.reconcile([want("192.0.2.1")], full=True)
+    assert [str(r.address) for r in store.state.endpoints.values()] == ["192.0.2.1"]
+    removed = await rec.remove_all()
+    assert [str(r.address) for r in removed] == ["192.0.2.1"]
+    assert kernel.eps == {}
+
+
+async def test_records_missing_after_a_restart_are_forgotten_without_blame(tmp_path) -> None:
+    """A crash between the journal line and ADD_ADDR leaves a record for an
+    endpoint that never existed: no warning, no strike towards 'contested'."""
+    kernel = FakeKernel()
+    for _ in range(EndpointReconciler.CONTEST_LIMIT + 1):
+        store = StateStore(str(tmp_path))
+        store.load()
+        store.put_endpoint(owned(9, "192.0.2.1"))  # journaled; the daemon dies here
+        store.close()
+        store = StateStore(str(tmp_path))
+        store.load()
+        log = Log()
+        rec = EndpointReconciler(kernel, store, log)
+        await rec.reconcile([want("192.0.2.1")], full=True)
+        assert [str(e.address) for e in kernel.eps.values()] == ["192.0.2.1"]
+        assert not [line for line in log.lines if line[0] in ("warning", "error")], log.lines
+        await rec.remove_all()
+        store.close()
