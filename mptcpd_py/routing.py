@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from mptcpd_py.config import RoutingConfig
-from mptcpd_py.errors import EndpointExists, KernelError, NoSuchObject
+from mptcpd_py.errors import EndpointExists, KernelError, NetlinkError, NoSuchObject
 from mptcpd_py.model import NetworkSnapshot
 from mptcpd_py.netlink.types import Address, Route, Rule
 from mptcpd_py.state import OwnedEndpoint, OwnedRoute, StateStore
@@ -114,10 +114,8 @@ class SourceRouting:
         return self.store.state.routes
 
     async def reconcile(self, wanted: dict[Address, OwnedRoute], *, verify: bool = False) -> None:
-        if verify and self.owned:
+        if verify and (self.owned or self.foreign):
             await self._verify()
-        if verify and self.foreign:
-            await self._recheck_foreign()
         for address, have in list(self.owned.items()):
             if wanted.get(address) != have:
                 await self._remove(have)
@@ -129,25 +127,22 @@ class SourceRouting:
                 await self._add(want)
 
     async def _verify(self) -> None:
-        """Forget records whose rule vanished (someone flushed it): re-added next."""
-        try:
-            rules = set(await self.rtnl.rules())
-        except KernelError as exc:
-            self.log.warning("cannot dump rules", error=str(exc))
-            return
-        for address, have in list(self.owned.items()):
-            if _rule(have) not in rules:
-                self.owned.pop(address, None)
-        self.store.save()
-
-    async def _recheck_foreign(self) -> None:
-        """Forget conflicts whose object has gone: the address is tried again."""
+        """The kernel sends no event when someone deletes a rule or route: a
+        record of ours missing a piece is removed whole (re-added next), and
+        a conflict whose object has gone is forgotten (the address is tried
+        again)."""
         try:
             rules = set(await self.rtnl.rules())
             routes = {_route_key(route) for route in await self.rtnl.routes()}
-        except KernelError as exc:
+        except (KernelError, NetlinkError) as exc:  # a busy kernel: next full pass
             self.log.warning("cannot dump rules and routes", error=str(exc))
             return
+        for have in list(self.owned.values()):
+            if _rule(have) not in rules or \
+                    any(_route_key(route) not in routes for route in _table_routes(have)):
+                self.log.info("source route changed by someone else; re-adding it",
+                              addr=str(have.address), table=have.table)
+                await self._remove(have, quiet=True)
         for address, (_, found) in list(self.foreign.items()):
             present = found in rules if isinstance(found, Rule) else _route_key(found) in routes
             if not present:
@@ -208,7 +203,7 @@ class SourceRouting:
         self.owned.pop(r.address, None)
         self.store.save()
 
-    async def _remove(self, r: OwnedRoute) -> None:
+    async def _remove(self, r: OwnedRoute, *, quiet: bool = False) -> None:
         keep = self._still_used(r)
         try:
             await self.rtnl.delete_rule(_rule(r))
@@ -222,7 +217,8 @@ class SourceRouting:
                 await self.rtnl.delete_route(route)
         self.owned.pop(r.address, None)
         self.store.save()
-        self.log.info("source route removed", addr=str(r.address), table=r.table)
+        if not quiet:
+            self.log.info("source route removed", addr=str(r.address), table=r.table)
 
     async def remove_all(self) -> None:
         for r in list(self.owned.values()):

@@ -361,3 +361,35 @@ def test_an_implicit_endpoint_is_taken_over_with_its_id(lab: Lab, daemons,
         assert d.stop() == 0
     finally:
         pair.close()
+
+
+def test_own_source_route_deleted_by_someone_else_is_restored_whole(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    """A rule or table route of ours that vanished is re-made by the next full
+    pass (not mistaken for someone else's), and nothing of it outlives us."""
+    box.ip("route", "add", "default", "via", "192.0.2.254", "dev", "eth0")
+    box.ip("addr", "add", "2001:db8:7::1/64", "dev", "eth0", "nodad")
+    box.ip("-6", "route", "add", "default", "via", "2001:db8:7::fe", "dev", "eth0")
+    d = daemons(box, daemon_config(str(tmp_path / "state"))).start()
+    wait_for(lambda: "from 192.0.2.1 lookup" in box.ip("rule", "show"), what="own rule")
+    wait_for(lambda: "from 2001:db8:7::1 lookup" in box.ip("-6", "rule", "show"), what="v6")
+    table = box.ip("rule", "show").split("from 192.0.2.1 lookup ")[1].split()[0]
+    d.send(signal.SIGHUP)  # a full pass over intact routes changes nothing
+    d.wait_log("reloaded")
+    box.ip("rule", "del", "from", "192.0.2.1", "lookup", table)
+    d.send(signal.SIGHUP)  # a full pass (the kernel sends no rule events)
+    wait_for(lambda: f"from 192.0.2.1 lookup {table}" in box.ip("rule", "show"),
+             what="rule restored")
+    box.ip("route", "del", "default", "via", "192.0.2.254", "dev", "eth0", "table", table)
+    d.send(signal.SIGHUP)
+    wait_for(lambda: "default via 192.0.2.254" in box.ip("route", "show", "table", table),
+             what="table route restored")
+    assert d.stop() == 0
+    assert "from 192.0.2.1" not in box.ip("rule", "show")
+    assert "from 2001:db8:7::1" not in box.ip("-6", "rule", "show")
+    assert box.ip("route", "show", "table", table).strip() == ""
+    assert box.ip("-6", "route", "show", "table", table).strip() == ""
+    assert d.errors() == []
+    changed = [line for line in d.logs()
+               if line["event"] == "source route changed by someone else; re-adding it"]
+    assert [line["addr"] for line in changed] == ["192.0.2.1", "192.0.2.1"]
