@@ -47,6 +47,7 @@ from mptcpd_py.plugin import EndpointIntent, PluginState
 from mptcpd_py.plugins_host import FAILED, PluginHost
 from mptcpd_py.routing import SourceRouting, desired_routes
 from mptcpd_py.state import OwnedEndpoint, StateStore
+from mptcpd_py.supervise import supervise
 
 
 @dataclass
@@ -130,6 +131,9 @@ class Core:
         self._dirty_since = 0.0
         self._stopping = False
         self.watchdog_interval = 0.0
+        # Set when a loop keeps crashing: the daemon exits non-zero (systemd restarts it).
+        self.failed = asyncio.Event()
+        self.failure = ""
 
     # ------------------------------------------------------------------ start
 
@@ -165,11 +169,32 @@ class Core:
         await self._reconcile_pass(full=True, reasons=["start"])
         if self.userspace is not None:
             await self.userspace.start()
+        loops = (("rtnetlink", self._rtnl_loop, self._recover_network),
+                 ("mptcp", self._mptcp_loop, self._recover_connections),
+                 ("reconcile", self._reconcile_loop, self._recover_reconciler))
         self._tasks = [
-            asyncio.create_task(self._rtnl_loop(), name="rtnl-events"),
-            asyncio.create_task(self._mptcp_loop(), name="mptcp-events"),
-            asyncio.create_task(self._reconcile_loop(), name="reconciler"),
+            asyncio.create_task(supervise(name, run, recover, self.log, self._fail,
+                                          on_crash=self._record_error), name=f"{name}-loop")
+            for name, run, recover in loops
         ]
+
+    def _fail(self, reason: str) -> None:
+        self.failure = reason
+        self.failed.set()
+
+    async def _recover_network(self) -> None:
+        """After a crash of the rtnetlink loop: what it missed is in a dump."""
+        await self._load_network()
+        self.request_reconcile("rtnetlink loop restarted", full=True)
+
+    async def _recover_connections(self) -> None:
+        if self.userspace is not None:
+            await self.userspace.resync()
+        else:
+            await self._rebuild_connections()
+
+    async def _recover_reconciler(self) -> None:
+        self.request_reconcile("reconcile loop restarted", full=True)
 
     def _instantiate_plugins(self, cfg: Config, available: dict[str, Available]) -> None:
         problems = self.host.instantiate(
@@ -355,16 +380,20 @@ class Core:
                 problem = f"endpoint {item.address}: signal and fullmesh cannot be combined"
             elif not isinstance(item.port, int) or not 0 <= item.port < 65536:
                 problem = f"endpoint {item.address}: invalid port {item.port!r}"
+            elif _priority(item.priority) is None:
+                problem = (f"endpoint {item.address}: invalid priority {item.priority!r} "
+                           "(a number or a tuple of numbers, lower wins)")
             if problem:
                 self.host.fail(state, "endpoints", f"invalid result: {problem}")
                 return None
             assert isinstance(item, EndpointIntent)
-            if item.plugin and type(item.flags) is EndpointFlags:
+            if item.plugin and type(item.flags) is EndpointFlags and \
+                    type(item.priority) is tuple:
                 out.append(item)
                 continue
             out.append(EndpointIntent(item.address, item.ifindex, EndpointFlags(item.flags),
-                                      item.port, item.priority, item.plugin or state.name,
-                                      item.reason))
+                                      item.port, _priority(item.priority) or (),
+                                      item.plugin or state.name, item.reason))
         return tuple(out)
 
     async def _reconcile_pass(self, *, full: bool, reasons: list[str]) -> None:
@@ -380,7 +409,12 @@ class Core:
             result = await self.reconciler.reconcile(desired, full=full)
             await self.routing.reconcile(self._desired_routes(net), verify=full)
             if self.userspace is not None and reasons and reasons != ["start"]:
-                await self.userspace.network_changed(net)
+                try:
+                    await self.userspace.network_changed(net)
+                except KernelError as exc:
+                    self._record_error(exc)
+                    self.log.error("userspace path manager: network change not applied",
+                                   error=str(exc))
             self.stats.reconciles += 1
             for _op, error in result.failed:
                 self.stats.errors_by_errno[_errno_name(error.errno)] += 1
@@ -467,15 +501,17 @@ class Core:
         await self.reconcile_now("reload", full=True)
 
     async def stop(self) -> None:
+        """Let a running pass finish (cancelled half-way, an add acked by the
+        kernel could go unrecorded), then stop the loops and clean up."""
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
         try:
             async with self._pass_lock:
+                for task in self._tasks:
+                    task.cancel()
+                for task in self._tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                self._tasks = []
                 if self.config.daemon.on_exit == "remove":
                     if self.reconciler is not None:
                         await self.reconciler.remove_all()
@@ -525,6 +561,17 @@ def _event_fields(event: Any) -> dict[str, Any]:
             value = getattr(event, name)
             out[name] = str(value) if name in ("saddr", "daddr") else value
     return out
+
+
+def _priority(value: Any) -> tuple[float, ...] | None:
+    """A plugin's priority as a tuple the planner can sort against any other
+    (a bare number is a 1-tuple); None when it is not numbers."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, tuple) and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                        for v in value):
+        return value
+    return None
 
 
 def _errno_name(code: int) -> str:

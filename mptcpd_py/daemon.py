@@ -108,6 +108,10 @@ class Daemon:
         code = EX_OK
         try:
             await self._serve()
+            if core.failed.is_set():
+                self.log.error("stopping after a fatal error", error=core.failure)
+                notify(f"STATUS=failed: {core.failure}")
+                code = EX_SOFTWARE_FAIL
         finally:
             notify("STOPPING=1", "STATUS=stopping")
             self.log.info("stopping", on_exit=core.config.daemon.on_exit)
@@ -182,21 +186,38 @@ class Daemon:
             self._status_line.update(self.core.status_line())
 
     async def _serve(self) -> None:
+        """Wait for a stop (signal, or a fatal core error) while serving
+        reloads. A stop does not wait for a reload in progress: the reload is
+        cancelled and the stop path leaves the kernel clean either way."""
+        assert self.core is not None
         stop_wait = asyncio.create_task(self._stop.wait())
+        fatal_wait = asyncio.create_task(self.core.failed.wait())
+        stopping: set[asyncio.Task[Any]] = {stop_wait, fatal_wait}
         try:
-            while not self._stop.is_set():
+            while True:
                 reload_wait = asyncio.create_task(self._reload.wait())
-                await asyncio.wait({stop_wait, reload_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if self._stop.is_set():
+                done, _ = await asyncio.wait(stopping | {reload_wait},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if done & stopping:
                     reload_wait.cancel()
                     break
                 # A burst of SIGHUPs collapses into this one reload.
                 self._reload.clear()
-                await self.reload()
+                reloading = asyncio.create_task(self.reload())
+                done, _ = await asyncio.wait(stopping | {reloading},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if reloading not in done:
+                    reloading.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reloading
+                    self.log.warning("reload interrupted by stop")
+                    break
         finally:
-            stop_wait.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stop_wait
+            for task in stopping:
+                task.cancel()
+            for task in stopping:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def reload(self) -> bool:
         core = self.core

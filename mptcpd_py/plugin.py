@@ -165,6 +165,15 @@ class ConnectionContext:
         self.actions: list[Action] = []
 
     def _add(self, kind: str, **kwargs: Any) -> None:
+        """Record an action; a wrong type fails here, inside the plugin's hook,
+        where the core contains it and names the plugin."""
+        for key in ("local_port", "remote_port"):
+            if key in kwargs:
+                kwargs[key] = _port(kwargs[key], key)
+        if not isinstance(kwargs.get("backup", False), bool):
+            raise TypeError(f"{kind}: backup must be True or False, not {kwargs['backup']!r}")
+        if not isinstance(kwargs.get("reason", ""), str):
+            raise TypeError(f"{kind}: reason must be a string, not {kwargs['reason']!r}")
         self.actions.append(Action(kind=kind, token=self.conn.token, plugin=self.plugin,
                                    **kwargs))
 
@@ -191,7 +200,7 @@ class ConnectionContext:
             remote_port = remote_port or remote.port or self.conn.remote_port
             remote = remote.address
         target = self.conn.remote if remote is None else parse_address(remote)
-        port = self.conn.remote_port if remote_port in (None, 0) else int(remote_port)
+        port = self.conn.remote_port if remote_port in (None, 0) else remote_port
         self._add("create_subflow", local=parse_address(local), remote=target,
                   remote_port=port, backup=backup, reason=reason)
 
@@ -204,6 +213,12 @@ class ConnectionContext:
         self._add("set_backup", local=subflow.local, local_port=subflow.local_port,
                   remote=subflow.remote, remote_port=subflow.remote_port, backup=backup,
                   reason=reason)
+
+
+def _port(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise ValueError(f"{what} must be a port number 0..65535, not {value!r}")
+    return value
 
 
 # ----------------------------------------------------------------- the base class

@@ -204,8 +204,9 @@ def test_default_route_added_later_makes_the_address_eligible_at_once(
     assert "192.0.2.1" not in endpoints(box)
     box.ip("route", "add", "default", "via", "192.0.2.254", "dev", "eth0")
     wait_for(lambda: "192.0.2.1" in endpoints(box), timeout=2, what="eligible on route")
-    rules = box.ip("rule", "show")
-    assert "from 192.0.2.1 lookup 1" in rules
+    # The same pass adds the source rule right after the endpoint.
+    wait_for(lambda: "from 192.0.2.1 lookup 1" in box.ip("rule", "show"), timeout=2,
+             what="source rule")
     table = box.ip("route", "show", "table", "all")
     assert "default via 192.0.2.254 dev eth0 table 100" in table
     box.ip("route", "del", "default", "via", "192.0.2.254", "dev", "eth0")
