@@ -25,6 +25,8 @@ for dropin in /etc/systemd/system/*.service.d/mptcpize.conf; do
     unit=$(basename "$(dirname "$dropin")" .d)
     if [ -n "$systemd" ] && [ -x "$PREFIX/bin/mptcpd-py" ]; then
         "$PREFIX/bin/mptcpd-py" mptcpize disable --no-restart "$unit" | sed 's/^/uninstall: /' || true
+    else
+        say "left $dropin (remove it if \`mptcpd-py mptcpize enable\` wrote it)"
     fi
 done
 

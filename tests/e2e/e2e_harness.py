@@ -113,7 +113,10 @@ def unavailable_reason() -> str:
 
 
 def apt_mirror(sources_dir: Path = Path("/etc/apt")) -> str:
-    """The Debian mirror apt itself uses for the main suite (deb822 or one-line files)."""
+    """$MPTCPD_PY_E2E_MIRROR, or the Debian mirror apt itself uses for the
+    main suite (deb822 or one-line source files)."""
+    if os.environ.get("MPTCPD_PY_E2E_MIRROR"):
+        return os.environ["MPTCPD_PY_E2E_MIRROR"].rstrip("/")
     found: list[str] = []
     for path in sorted((sources_dir / "sources.list.d").glob("*.sources")):
         for stanza in path.read_text(errors="replace").split("\n\n"):

@@ -158,6 +158,18 @@ def test_journal_shows_structured_startup_fields(installed: Container, steps: St
         steps.note(f"ready after {ready['STARTUP_MS']} ms")
 
 
+def test_ctl_reaches_the_service_through_its_control_socket(
+        installed: Container, steps: StepLog) -> None:
+    machine = installed
+    ensure_running(machine)
+    with steps.step("mptcpd-py ctl --json status (control socket in the sandbox)"):
+        proc = machine.run(["mptcpd-py", "ctl", "--json", "status"], check=False)
+        if "not available in this build" in proc.stdout + proc.stderr:
+            pytest.skip("mptcpd-py ctl is not in this build")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert json.loads(proc.stdout)
+
+
 def test_an_address_added_on_a_veth_becomes_an_endpoint(
         installed: Container, steps: StepLog) -> None:
     machine = installed
@@ -302,6 +314,11 @@ def test_stop_removes_its_endpoints_and_restores_the_sysctl(
         assert list(eps) == [ADMIN_ENDPOINT[0]]
         assert mptcp_enabled(machine) == "0"
         journal_entry(machine, "stopped", after_pid=pid)
+    # Nothing in the sandbox got in the daemon's way (a denied write or
+    # system call would be logged as an error).
+    errors = [e["MESSAGE"] for e in machine.journal(SERVICE)
+              if e.get("SYSLOG_IDENTIFIER") == "mptcpd-py" and int(e.get("PRIORITY", 6)) <= 3]
+    assert errors == []
 
 
 def test_reinstall_upgrades_in_place_restarts_and_keeps_the_users_config(
