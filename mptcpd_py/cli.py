@@ -1,4 +1,4 @@
-"""``mptcpd-py``: run, check-config, ctl, demo.
+"""``mptcpd-py``: run, check-config, ctl, mptcpize, demo.
 
 Exit codes (sysexits): 0 ok, 1 runtime failure, 64 usage error,
 69 MPTCP unavailable, 77 permission denied, 78 configuration error.
@@ -49,6 +49,10 @@ def build_parser() -> Parser:
     from mptcpd_py.ctl import add_ctl_parser  # noqa: PLC0415
 
     add_ctl_parser(sub)
+
+    from mptcpd_py.mptcpize import add_mptcpize_parser  # noqa: PLC0415
+
+    add_mptcpize_parser(sub)
 
     demo = sub.add_parser("demo", help="the demo: two paths in network namespaces")
     demo.add_argument("--rate", type=float, default=50.0, help="Mbit/s per path (default 50)")
@@ -102,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mptcpd_py.ctl import run_ctl  # noqa: PLC0415
 
             return run_ctl(args)
+        if args.command == "mptcpize":
+            from mptcpd_py.mptcpize import run_mptcpize  # noqa: PLC0415
+
+            return run_mptcpize(args)
         if args.command == "demo":
             from mptcpd_py.demo import run_demo  # noqa: PLC0415
 
