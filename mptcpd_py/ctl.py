@@ -473,6 +473,11 @@ def _token(value: Any) -> str:
     return f"{value:08x}" if isinstance(value, int) else str(value)
 
 
+def _by_whom_and_why(event: dict[str, Any]) -> str:
+    text = f" by {event['plugin']}" if event.get("plugin") else ""
+    return text + (f": {event['reason']}" if event.get("reason") else "")
+
+
 def format_event(event: dict[str, Any]) -> str:
     """One monitor line: time, kind, what happened and why."""
     stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", 0)))
@@ -492,10 +497,7 @@ def format_event(event: dict[str, Any]) -> str:
         text = f"{e.get('action')} {e.get('addr')}{ident} {e.get('flags')}"
         if e.get("ifname"):
             text += f" dev {e['ifname']}"
-        if e.get("plugin"):
-            text += f" by {e['plugin']}"
-        if e.get("reason"):
-            text += f": {e['reason']}"
+        text += _by_whom_and_why(e)
         if e.get("trigger"):
             text += f" (after {e['trigger']})"
         if e.get("error"):
@@ -521,10 +523,7 @@ def format_event(event: dict[str, Any]) -> str:
         text = f"{e.get('action')} token {_token(e.get('token'))} {e.get('local')}"
         if e.get("remote") and e.get("remote") != "None":
             text += f" -> {e['remote']}"
-        if e.get("plugin"):
-            text += f" by {e['plugin']}"
-        if e.get("reason"):
-            text += f": {e['reason']}"
+        text += _by_whom_and_why(e)
         if e.get("error"):
             text += f" -> failed: {e['error']}"
     elif kind == "plugin":

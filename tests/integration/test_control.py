@@ -595,3 +595,46 @@ def test_monitor_piped_into_head_ends_quietly(box: Box) -> None:
     assert err == ""
     wait_for(lambda: box.json("status")["counts"]["monitor_clients"] == 0,
              what="the monitor unsubscribed")
+
+
+def test_userspace_pm_connections_and_the_plugins_actions_show_in_ctl(
+        lab: Lab, daemons: Any, tmp_path: Path) -> None:
+    paths = TwoPaths(lab)
+    paths.server.ip("mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "8")
+    state_dir = str(tmp_path / "state")
+    daemon = daemons(paths.client, daemon_config(
+        state_dir, plugins=["fullmesh"], reconcile_interval=3600,
+        extra='[kernel]\npath_manager = "userspace"\n')).start()
+    sock = os.path.join(state_dir, "control")
+    monitor = Lines(paths.client.popen(
+        [sys.executable, "-m", "mptcpd_py", "ctl", "--socket", sock, "--json", "monitor"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    wait_for(lambda: json.loads(run_ctl(paths.client, sock, "--json", "status").stdout)
+             ["counts"]["monitor_clients"] == 1, what="subscribed")
+    pair = mptcp_connect(paths.client, mptcp_listen(paths.server, "0.0.0.0"),
+                         address=paths.server_addr(0))
+    pair.server.sendall(b"!")
+    action = json.loads(monitor.wait(
+        lambda line: '"action"' in line and '"create_subflow"' in line, "a plugin's action"))
+    assert action["plugin"] == "fullmesh" and action["local"] == "198.51.100.1"
+    assert action["reason"] == "fullmesh 198.51.100.1 -> 192.0.2.2"
+    wait_for(lambda: any(c.extra_subflows == 1 for c in ss_connections(paths.client)),
+             what="the plugin's subflow")
+
+    status = json.loads(run_ctl(paths.client, sock, "--json", "status").stdout)
+    assert status["path_manager"] == "userspace"
+    assert status["counts"]["connections"] == 1 and status["counts"]["subflows"] == 2
+    (conn,) = ss_connections(paths.client)
+    (row,) = json.loads(run_ctl(paths.client, sock, "--json", "connections").stdout)[
+        "connections"]
+    assert row["token"] == conn.token
+    assert {(row["token"], (s["local"], s["local_port"]), (s["remote"], s["remote_port"]),
+             s["local_id"], s["remote_id"]) for s in row["subflows"]} == \
+        ss_subflows(paths.client)
+    human = run_ctl(paths.client, sock, "endpoints")
+    assert human.returncode == 0 and human.stdout == "no endpoints\n"
+    monitor.proc.send_signal(signal.SIGINT)
+    assert monitor.proc.wait(timeout=10) == 0
+    pair.close()
+    assert daemon.stop() == 0
+    assert daemon.errors() == []
