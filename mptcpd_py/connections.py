@@ -78,6 +78,17 @@ class ConnectionRecord:
         return Subflow(self.local, self.local_port, self.remote, self.remote_port)
 
 
+async def dump_subflows(netns: str | None = None
+                        ) -> tuple[list[DiagSubflow], list[tuple[Address, int]]]:
+    """Every MPTCP subflow and listener as the kernel has them now (what
+    ``ss -M`` reads). Raises KernelError when the kernel cannot be asked."""
+    diag = SockDiag(netns)
+    try:
+        return await diag.subflows(), await diag.mptcp_listeners()
+    finally:
+        diag.close()
+
+
 class ConnectionTable:
     """token -> ConnectionRecord, updated event by event."""
 
@@ -143,12 +154,7 @@ class ConnectionTable:
     async def resync(self, netns: str | None = None) -> None:
         """Re-read every subflow and MPTCP listener (sock_diag) and rebuild.
         Raises KernelError when the kernel cannot be asked."""
-        diag = SockDiag(netns)
-        try:
-            subflows = await diag.subflows()
-            listeners = await diag.mptcp_listeners()
-        finally:
-            diag.close()
+        subflows, listeners = await dump_subflows(netns)
         self.listeners = set(listeners)
         self.rebuild(subflows, {port for _, port in listeners})
 

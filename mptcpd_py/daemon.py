@@ -1,8 +1,11 @@
 """The daemon's lifecycle: start, sd_notify, signals, reload, stop.
 
-SIGTERM / SIGINT: stop (endpoints removed and limits restored per
-``on_exit``), exit 0. SIGHUP: reload; a burst collapses into one, and a
-broken new config is logged while the old one stays in force.
+Startup order: config, netlink, first reconcile (all in the core), control
+socket, metrics listener, READY. SIGTERM / SIGINT: stop (monitor clients
+told, endpoints removed and limits restored per ``on_exit``), exit 0.
+SIGHUP or ``ctl reload``: reload; a burst collapses into one, and a broken
+new config is logged (and returned to ``ctl``) while the old one stays in
+force.
 """
 
 from __future__ import annotations
@@ -14,13 +17,31 @@ import fcntl
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from mptcpd_py import __version__
+from mptcpd_py import __version__, report
 from mptcpd_py.coexist import peers_in_namespace
 from mptcpd_py.config import Config, load_config, read_raw_daemon_section
+from mptcpd_py.control import (
+    CONFIG_ERROR,
+    FAILED,
+    SOCKET_NAME,
+    Command,
+    CommandFailed,
+    ControlServer,
+    Peer,
+    Request,
+)
 from mptcpd_py.core import Core
-from mptcpd_py.errors import ConfigError, FamilyMissing, KernelError, MptcpdError, PermissionDenied
+from mptcpd_py.errors import (
+    ConfigError,
+    ControlError,
+    FamilyMissing,
+    KernelError,
+    MptcpdError,
+    PermissionDenied,
+)
 from mptcpd_py.kernel_settings import KernelSettingsError
 from mptcpd_py.loader import Available, discover, schemas
 from mptcpd_py.logging import configure, get_logger
@@ -35,6 +56,13 @@ class StartupError(MptcpdError):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
+
+
+@dataclass
+class ReloadOutcome:
+    ok: bool
+    problems: list[str] = field(default_factory=list)  # configuration errors (refused)
+    error: str = ""  # applied, but the kernel refused part of it
 
 
 def load_everything(path: str | None) -> tuple[Config, dict[str, Available], list[str]]:
@@ -61,9 +89,16 @@ class Daemon:
         self.core: Core | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
         self._lock_fd: int | None = None
         self._status_line = StatusLine()
         self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.config_label = config_path or "default"
+        self.load_problems: list[str] = []
+        self.control: ControlServer | None = None
+        self.metrics: Any = None  # mptcpd_py.metrics.MetricsListener while listening
+        self.metrics_error = ""
 
     def _configure_logging(self, config: Config) -> str:
         return configure(self.log_level or config.daemon.log_level,
@@ -81,9 +116,12 @@ class Daemon:
         self.log = get_logger()
         self.log.info("mptcpd-py starting", version=__version__, config=config.path,
                       log_format=fmt, pid=os.getpid())
+        self.config_label = config.path
+        self.load_problems = problems
         for problem in problems:
             self.log.error("plugin not loaded", error=problem)
         notify("STATUS=starting")
+        core_started = False
         try:
             self._check_peers()
             self._lock_state_dir(config.daemon.state_dir)
@@ -93,10 +131,17 @@ class Daemon:
             core.heartbeat = self._heartbeat
             core.on_status = self._status
             await self._start_core(core)
+            core_started = True
+            await self._start_control(core)
+            await self._start_metrics(config.metrics.listen)
         except StartupError as exc:
             self.log.error("cannot start", error=str(exc))
             notify(f"STATUS=failed: {exc}")
-            await self._close_core()
+            await self._stop_observability()
+            if core_started:  # undo the first reconcile as a stop would (on_exit)
+                await self._stop_core()
+            else:
+                await self._close_core()
             return exc.code
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -115,11 +160,8 @@ class Daemon:
         finally:
             notify("STOPPING=1", "STATUS=stopping")
             self.log.info("stopping", on_exit=core.config.daemon.on_exit)
-            try:
-                await asyncio.wait_for(core.stop(), STOP_TIMEOUT)
-            except TimeoutError:
-                self.log.error("stop timed out; leaving the rest", timeout=STOP_TIMEOUT)
-                core.close()
+            await self._stop_observability()
+            if not await self._stop_core():
                 code = EX_SOFTWARE_FAIL
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -140,6 +182,154 @@ class Daemon:
         except OSError as exc:
             code = EX_NOPERM if exc.errno in (errno.EPERM, errno.EACCES) else EX_SOFTWARE_FAIL
             raise StartupError(f"{exc.strerror or exc}", code) from None
+
+    # ------------------------------------------------------------------ control, metrics
+
+    async def _start_control(self, core: Core) -> None:
+        path = os.path.join(core.config.daemon.state_dir, SOCKET_NAME)
+        server = ControlServer(path, commands=self._control_commands(), monitor=core.monitor,
+                               log=self.log, group=core.config.daemon.control_group)
+        try:
+            await server.start()
+        except ControlError as exc:
+            raise StartupError(str(exc), EX_SOFTWARE_FAIL) from None
+        self.control = server
+
+    async def _start_metrics(self, listen: str) -> None:
+        """Metrics are optional: a listener that cannot start is logged (and
+        shown by ``ctl status``), the path manager runs on."""
+        if self.metrics is not None and self.metrics.listen == listen:
+            return
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
+        self.metrics_error = ""
+        if not listen:
+            return
+        from mptcpd_py.metrics import MetricsListener  # noqa: PLC0415
+
+        listener = MetricsListener(listen, self._scrape, self.log)
+        try:
+            await listener.start()
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            self.metrics_error = f"{listen}: {reason}"
+            self.log.error("metrics listener not started", listen=listen, error=reason)
+            return
+        self.metrics = listener
+
+    async def _stop_observability(self) -> None:
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
+
+    def info(self) -> report.DaemonInfo:
+        core = self.core
+        control = self.control
+        counters: dict[str, Any] = {}
+        if control is not None:
+            c = control.counters
+            counters = {"datagrams": c.datagrams, "requests": dict(c.requests),
+                        "errors": dict(c.errors), "replies_dropped": c.replies_dropped,
+                        "unanswerable": c.unanswerable, "send_buffer_full": c.send_buffer_full,
+                        "events_sent": c.events_sent, "events_dropped": c.events_dropped}
+        listen = core.config.metrics.listen if core is not None else ""
+        return report.DaemonInfo(
+            version=__version__, pid=os.getpid(), started=self.started_wall,
+            config_path=self.config_label,
+            control_socket=control.path if control is not None else "",
+            control_group=control.group if control is not None else "",
+            metrics_listen=listen if self.metrics is not None else "",
+            metrics_error=self.metrics_error, load_problems=list(self.load_problems),
+            monitor_clients=control.monitor_clients if control is not None else 0,
+            control=counters,
+        )
+
+    async def _scrape(self, accept: str = "") -> tuple[bytes, str]:
+        from mptcpd_py.metrics import exposition, families  # noqa: PLC0415
+
+        core = self.core
+        assert core is not None
+        kernel = await report.read_kernel(core)
+        return exposition(families(core, self.info(), kernel), accept)
+
+    def _control_commands(self) -> dict[str, Command]:
+        def core() -> Core:
+            assert self.core is not None
+            return self.core
+
+        async def status(_request: Request, _peer: Peer) -> Any:
+            kernel = await report.read_kernel(core())
+            return report.status_view(core(), self.info(), kernel)
+
+        async def endpoints(_request: Request, _peer: Peer) -> Any:
+            kernel = await report.read_kernel(core(), limits=False, subflows=False)
+            if kernel.endpoints is None:
+                raise CommandFailed(FAILED, kernel.errors.get("endpoints", "no endpoints"))
+            return {"endpoints": report.endpoint_rows(core(), kernel.endpoints),
+                    "path_manager": core().config.kernel.path_manager}
+
+        async def connections(_request: Request, _peer: Peer) -> Any:
+            kernel = await report.read_kernel(core(), endpoints=False, limits=False)
+            if kernel.subflows is None:
+                raise CommandFailed(FAILED, kernel.errors.get("connections", "no connections"))
+            return {"connections": report.connection_rows(core(), kernel.subflows,
+                                                          kernel.listeners or [])}
+
+        async def plugins(_request: Request, _peer: Peer) -> Any:
+            return {"plugins": report.plugin_rows(core()),
+                    "problems": [*self.load_problems, *core().plugin_problems]}
+
+        async def limits(_request: Request, _peer: Peer) -> Any:
+            kernel = await report.read_kernel(core(), endpoints=False, subflows=False)
+            if kernel.limits is None:
+                raise CommandFailed(FAILED, kernel.errors.get("limits", "no limits"))
+            return report.limits_view(core(), kernel.limits)
+
+        async def metrics(_request: Request, _peer: Peer) -> Any:
+            body, content_type = await self._scrape()
+            return {"content_type": content_type, "text": body.decode()}
+
+        async def reload(_request: Request, peer: Peer) -> Any:
+            self.log.info("reload requested over the control socket", uid=peer.uid,
+                          pid=peer.pid)
+            outcome = await self.reload()
+            if outcome.problems:
+                raise CommandFailed(CONFIG_ERROR, "reload refused: configuration error; the "
+                                    "old configuration stays in force",
+                                    {"problems": outcome.problems})
+            if not outcome.ok:
+                raise CommandFailed(FAILED, f"reload partly failed: {outcome.error}")
+            return {"reloaded": True, "config": self.config_label,
+                    "plugins": [row["name"] for row in report.plugin_rows(core())
+                                if row["state"] == "active"]}
+
+        commands = [
+            Command("status", status, help="version, uptime, counts, errors"),
+            Command("endpoints", endpoints, help="kernel endpoints, owned / foreign / waiting"),
+            Command("connections", connections, help="MPTCP connections and subflows"),
+            Command("plugins", plugins, help="plugins and their state"),
+            Command("limits", limits, help="ip mptcp limits"),
+            Command("metrics", metrics, help="Prometheus text exposition"),
+            Command("reload", reload, mutating=True, timeout=None,
+                    help="re-read the configuration and plugins"),
+        ]
+        return {command.name: command for command in commands}
+
+    async def _stop_core(self) -> bool:
+        """Stop the core within STOP_TIMEOUT; False when it had to be cut short."""
+        core = self.core
+        assert core is not None
+        try:
+            await asyncio.wait_for(core.stop(), STOP_TIMEOUT)
+        except TimeoutError:
+            self.log.error("stop timed out; leaving the rest", timeout=STOP_TIMEOUT)
+            core.close()
+            return False
+        return True
 
     async def _close_core(self) -> None:
         if self.core is not None:
@@ -219,7 +409,12 @@ class Daemon:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def reload(self) -> bool:
+    async def reload(self) -> ReloadOutcome:
+        """One reload at a time (SIGHUP and ``ctl reload`` share this)."""
+        async with self._reload_lock:
+            return await self._reload_once()
+
+    async def _reload_once(self) -> ReloadOutcome:
         core = self.core
         assert core is not None
         notify("RELOADING=1", monotonic_usec(), "STATUS=reloading")
@@ -231,16 +426,23 @@ class Daemon:
                 self.log.error("reload refused: configuration error; the old one stays",
                                error=line)
             notify("READY=1", f"STATUS=reload refused (configuration error); {core.status_line()}")
-            return False
+            return ReloadOutcome(False, problems=list(exc.problems))
+        self.load_problems = problems
         for problem in problems:
             self.log.error("plugin not loaded", error=problem)
         self._configure_logging(config)
         self.log = get_logger()
         core.log = self.log
+        outcome = ReloadOutcome(True)
         try:
             await core.reload(config, available)
         except (KernelSettingsError, KernelError) as exc:
             self.log.error("reload partly failed", error=str(exc))
+            outcome = ReloadOutcome(False, error=str(exc))
+        if self.control is not None:
+            self.control.log = self.log
+            self.control.set_group(core.config.daemon.control_group)
+        await self._start_metrics(core.config.metrics.listen)
         notify("READY=1", f"STATUS={core.status_line()}")
         self.log.info("reloaded", plugins=",".join(config.daemon.plugins))
-        return True
+        return outcome

@@ -467,6 +467,21 @@ class DaemonProcess:
         return found
 
 
+def run_ctl(ns: Netns, socket_path: str, *args: str, setpriv: Sequence[str] = (),
+            timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """``mptcpd-py ctl --socket PATH ARGS...`` inside ``ns`` (where the
+    daemon's abstract reply addresses live), as another user when
+    ``setpriv`` options are given; returns whatever it exited with."""
+    import sys  # noqa: PLC0415
+
+    command = ["ip", "netns", "exec", ns.name]
+    if setpriv:
+        command += ["setpriv", *setpriv]
+    command += [sys.executable, "-m", "mptcpd_py", "ctl", "--socket", socket_path, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
 def daemon_config(state_dir: str, *, plugins: Sequence[str] = ("addr_adv", "backup_cellular"),
                   plugin_dirs: Sequence[str] = (), extra: str = "", **daemon: Any) -> str:
     """A config for tests and the demo: state in ``state_dir``, no system paths."""

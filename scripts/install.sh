@@ -48,7 +48,7 @@ say "building the mptcpize shim"
 
 doc="$PREFIX/share/doc/mptcpd-py"
 install -d -m 0755 "$doc"
-install -m 0644 README.md docs/plugins.md docs/operations.md "$doc/"
+install -m 0644 README.md docs/plugins.md docs/operations.md docs/service.md "$doc/"
 install -m 0644 conf/mptcpd.toml "$doc/mptcpd.toml.example"
 
 if [ -L "$BIN_LINK" ] || [ ! -e "$BIN_LINK" ]; then

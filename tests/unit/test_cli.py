@@ -58,3 +58,19 @@ def test_run_with_a_broken_config_exits_78_with_one_line_and_no_traceback(
     assert proc.returncode == 78
     assert "Traceback" not in proc.stderr + proc.stdout
     assert f"{bad}:2: network.include: bad interface glob 'eth[0': unclosed '['" in proc.stderr
+
+
+def test_ctl_without_a_daemon_exits_69_with_one_line(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    socket_path = tmp_path / "control"
+    assert main(["ctl", "--socket", str(socket_path), "status"]) == 69
+    assert capsys.readouterr().err == (
+        f"mptcpd-py ctl: the daemon is not running (no control socket at {socket_path})\n")
+
+
+def test_ctl_usage_errors_exit_64(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["ctl", "--socket", str(tmp_path / "control"), "restart"])
+    assert info.value.code == 64
+    assert "invalid choice: 'restart'" in capsys.readouterr().err
+    assert main(["ctl", "--timeout", "0", "status"]) == 64
