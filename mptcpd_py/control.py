@@ -521,11 +521,15 @@ class ControlServer:
             finally:
                 os.umask(old_umask)
             if group_id is not None:
-                os.chown(self.path, -1, group_id)
+                _give_to_group(self.path, group_id, self.group)
             os.chmod(self.path, 0o660)
             st = os.stat(self.path)
-        except OSError as exc:
+        except (OSError, ControlError) as exc:
             sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            if isinstance(exc, ControlError):
+                raise
             raise ControlError(f"control socket {self.path}: {exc.strerror or exc}") from None
         self.sock = sock
         self.group_id = group_id
@@ -571,7 +575,7 @@ class ControlServer:
             return
         try:
             group_id = self._group_id(group)
-            os.chown(self.path, -1, group_id if group_id is not None else os.getegid())
+            _give_to_group(self.path, group_id if group_id is not None else os.getegid(), group)
         except (ControlError, OSError) as exc:
             self.log.error("control group not changed", group=group, error=str(exc))
             return
@@ -932,3 +936,15 @@ class ControlServer:
     @property
     def monitor_clients(self) -> int:
         return len(self.subscriptions)
+
+
+def _give_to_group(path: str, group_id: int, group: str) -> None:
+    """chown the socket to the control group; without CAP_CHOWN (the shipped
+    unit grants only CAP_NET_ADMIN) say what is missing instead of EPERM."""
+    try:
+        os.chown(path, -1, group_id)
+    except PermissionError:
+        raise ControlError(
+            f"control socket {path}: cannot give it to group {group!r}: changing a file's "
+            "group needs CAP_CHOWN (under systemd, add it with the drop-in in "
+            "docs/service.md, 'control_group')") from None

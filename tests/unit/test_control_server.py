@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -392,3 +393,36 @@ async def test_a_descriptor_pushed_at_the_server_is_closed(server: ControlServer
     for fd in (r, w):
         os.close(fd)
     sock.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv")
+def test_a_control_group_without_cap_chown_names_the_missing_capability(tmp_path) -> None:
+    """The shipped unit grants only CAP_NET_ADMIN: a control_group then needs
+    CAP_CHOWN, and the error says so instead of a bare EPERM."""
+    code = f"""
+import asyncio
+from mptcpd_py.control import ControlServer
+from mptcpd_py.core import Monitor
+from mptcpd_py.errors import ControlError
+
+class Log:
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+async def main():
+    server = ControlServer({str(tmp_path / "control")!r}, commands={{}}, monitor=Monitor(),
+                           log=Log(), group="users")
+    try:
+        await server.start()
+    except ControlError as exc:
+        print(exc)
+asyncio.run(main())
+"""
+    out = subprocess.run(["setpriv", "--inh-caps=-chown", "--bounding-set=-chown",
+                          sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True)
+    assert out.stdout == (f"control socket {tmp_path / 'control'}: cannot give it to group "
+                          "'users': changing a file's group needs CAP_CHOWN (under systemd, "
+                          "add it with the drop-in in docs/service.md, 'control_group')\n")
+    assert not (tmp_path / "control").exists()  # a failed start leaves no socket behind
