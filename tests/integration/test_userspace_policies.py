@@ -59,6 +59,20 @@ def test_userspace_fullmesh_opens_every_local_remote_pair(
     tp.add_default_routes(1, v6=False)
     wait_for(lambda: pairs() == expected, 10, what=f"subflows back, have {pairs()}")
     assert len(subflows_by_token(tp.client)[token]) == 4
+    # So does the initial subflow's path (the kernel takes id 0 again).
+    tp.client.ip("link", "set", tp.ifnames[0], "down")
+    wait_for(lambda: all(c != "192.0.2.1" for c, _ in pairs()), 10, what="initial path gone")
+    tp.client.ip("link", "set", tp.ifnames[0], "up")
+    tp.add_default_routes(0, v6=False)
+    wait_for(lambda: pairs() == expected, 10, what=f"initial path back, have {pairs()}")
+    assert len(subflows_by_token(tp.client)[token]) == 4
+    pair.server.sendall(b" still here")
+    received = b""
+    while len(received) < len(b"go still here"):  # the socket times out after 5 s
+        chunk = pair.client.recv(100)
+        assert chunk, f"connection closed after {received!r}"
+        received += chunk
+    assert received == b"go still here"
     pair.close()
     assert d.stop() == 0
     assert d.errors() == []
