@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -200,6 +201,59 @@ def test_backup_cellular_carries_data_only_when_the_primary_is_down(
     finally:
         transfer.stop()
     assert d.stop() == 0
+
+
+def test_backup_cellular_sets_an_initial_subflow_over_cellular_backup_once_a_better_path_is_up(
+        lab: Lab, daemons, tmp_path: Path) -> None:
+    """A connection opened while only wwan0 is up starts on cellular; when
+    eth0 arrives and gets its subflow, the initial cellular subflow becomes
+    backup and the data moves to eth0, to cellular when eth0 goes, and back."""
+    tp = TwoPaths(lab, ifnames=("eth0", "wwan0"))
+    for ifname in tp.ifnames:
+        shape(tp.client, ifname, 20)
+    tp.server.ip("mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "8")
+    tp.client.ip("link", "set", "eth0", "down")
+    d = daemons(tp.client, daemon_config(str(tmp_path / "state"),
+                                         plugins=["fullmesh", "backup_cellular"],
+                                         extra=USERSPACE)).start()
+    transfer = BulkTransfer(tp.client, tp.server, tp.server_addr(1)).start()
+
+    def carried(seconds: float = 1.5) -> dict[str, int]:
+        before = {i: tp.client.link_bytes(i)[1] for i in tp.ifnames}
+        time.sleep(seconds)
+        return {i: tp.client.link_bytes(i)[1] - before[i] for i in tp.ifnames}
+
+    def subflows() -> list[Any]:
+        return [s for subs in subflows_by_token(tp.client).values() for s in subs]
+    try:
+        wait_for(lambda: transfer.received > 500_000, 10, what="data over wwan0")
+        (initial,) = subflows()
+        assert (str(initial.local), initial.local_id, initial.backup) == \
+            ("198.51.100.1", 0, False)  # the only path: not worth an MP_PRIO
+        tp.client.ip("link", "set", "eth0", "up")
+        tp.add_default_routes(0, v6=False)
+        wait_for(lambda: any(str(s.local) == "192.0.2.1" for s in subflows()), 10,
+                 what="a subflow over eth0")
+        wait_for(lambda: all(s.backup == (str(s.local) == "198.51.100.1")
+                             for s in subflows()), 10,
+                 what=f"the initial wwan0 subflow backup, have {subflows()}")
+        wait_for(lambda: carried(0.5)["wwan0"] < 30_000, 10, what="wwan0 idle")
+        primary = carried()
+        assert primary["eth0"] > 2_000_000 and primary["wwan0"] < 100_000, primary
+        tp.client.ip("link", "set", "eth0", "down")
+        wait_for(lambda: carried(0.5)["wwan0"] > 300_000, 10, what="traffic on wwan0")
+        cellular = carried()  # backup, and the only path left: it carries the data
+        assert cellular["wwan0"] > 1_000_000, cellular
+        tp.client.ip("link", "set", "eth0", "up")
+        tp.add_default_routes(0, v6=False)
+        wait_for(lambda: carried(0.5)["wwan0"] < 30_000, 10, what="wwan0 idle again")
+        back = carried()
+        assert back["eth0"] > 2_000_000 and back["wwan0"] < 100_000, back
+        assert transfer.alive(), transfer.error
+    finally:
+        transfer.stop()
+    assert d.stop() == 0
+    assert d.errors() == []
 
 
 @pytest.mark.timeout(300)
