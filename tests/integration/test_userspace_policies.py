@@ -3,6 +3,7 @@ backup_cellular and server-side announcements, and bursts of connections."""
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,16 @@ def client_token(tp: TwoPaths, local_port: int) -> int:
         return None
     token: int = wait_for(find, 5, what="connection in sock_diag")
     return token
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from a socket with a timeout (mptcp_connect sets 5 s)."""
+    received = b""
+    while len(received) < size:
+        chunk = sock.recv(size - len(received))
+        assert chunk, f"connection closed after {received!r}"
+        received += chunk
+    return received
 
 
 def test_userspace_fullmesh_opens_every_local_remote_pair(
@@ -68,12 +79,7 @@ def test_userspace_fullmesh_opens_every_local_remote_pair(
     wait_for(lambda: pairs() == expected, 10, what=f"initial path back, have {pairs()}")
     assert len(subflows_by_token(tp.client)[token]) == 4
     pair.server.sendall(b" still here")
-    received = b""
-    while len(received) < len(b"go still here"):  # the socket times out after 5 s
-        chunk = pair.client.recv(100)
-        assert chunk, f"connection closed after {received!r}"
-        received += chunk
-    assert received == b"go still here"
+    assert read_exactly(pair.client, 13) == b"go still here"
     pair.close()
     assert d.stop() == 0
     assert d.errors() == []
@@ -128,6 +134,16 @@ def test_sspi_opens_one_subflow_per_interface(lab: Lab, daemons, tmp_path: Path)
     tp.client.ip("link", "set", tp.ifnames[1], "up")
     wait_for(lambda: len(locals_()) == 2, 10, what=f"one subflow back, have {locals_()}")
     assert locals_()[0] == "192.0.2.1" and locals_()[1].startswith("198.51.100.")
+    # The initial subflow's interface: its subflow goes with it and comes back.
+    second = locals_()[1]
+    tp.client.ip("link", "set", tp.ifnames[0], "down")
+    wait_for(lambda: locals_() == [second], 10, what=f"initial subflow gone, have {locals_()}")
+    tp.client.ip("link", "set", tp.ifnames[0], "up")
+    tp.add_default_routes(0, v6=False)
+    wait_for(lambda: locals_() == ["192.0.2.1", second], 10,
+             what=f"a subflow on the initial interface again, have {locals_()}")
+    pair.server.sendall(b"!")
+    assert read_exactly(pair.client, 3) == b"go!"
     pair.close()
     assert d.stop() == 0
     assert d.errors() == []
