@@ -5,7 +5,8 @@ For each established connection, one subflow from each eligible interface
 address, using the interface's first eligible address of the connection's
 family. An interface that comes back gets its subflow again, the initial
 subflow's interface included; a second subflow over the same interface is
-never opened.
+never opened. Connections this host accepted are left alone: a subflow is
+the client's to open (use ``server_announce`` on a server).
 
 (The C mptcpd's sspi never creates a subflow: it announces with id 0,
 which the kernel refuses. This one does.)
@@ -22,7 +23,7 @@ class SingleSubflowPerInterface(Plugin):
 
     def _ensure(self, ctx: ConnectionContext) -> None:
         conn = ctx.conn
-        if not conn.established:
+        if not conn.established or conn.server_side:
             return
         by_address = {a.address: a.index for a in ctx.net.addresses}
         # Interfaces carrying a subflow now: the initial one is among the

@@ -174,6 +174,38 @@ def test_server_announces_its_other_addresses_to_each_client(
     assert d.errors() == []
 
 
+def test_fullmesh_and_sspi_leave_server_side_connections_to_the_client(
+        lab: Lab, daemons, tmp_path: Path) -> None:
+    """On a server, a subflow is the client's to open: a join toward the
+    client's ephemeral port would only be refused and retried. The server
+    announces instead (server_announce, after them: when it has acted, so
+    have they), on establishment and on a network change."""
+    tp = TwoPaths(lab)
+    tp.client.ip("mptcp", "limits", "set", "subflows", "4", "add_addr_accepted", "4")
+    d = daemons(tp.server, daemon_config(
+        str(tmp_path / "state"), plugins=["fullmesh", "sspi", "server_announce"],
+        extra=USERSPACE)).start()
+    listener = mptcp_listen(tp.server, "0.0.0.0")
+    pairs = [mptcp_connect(tp.client, listener, address="192.0.2.2") for _ in range(3)]
+    for pair in pairs:
+        pair.client.sendall(b"hello")  # server side ESTABLISHED
+        read_exactly(pair.server, 5)
+
+    def remotes() -> list[set[str]]:
+        return [{str(s.remote) for s in subs} for subs in subflows_by_token(tp.client).values()]
+    wait_for(lambda: remotes() and all(r == {"192.0.2.2", "198.51.100.2"} for r in remotes()),
+             10, what=f"the client's subflows to the announced address, have {remotes()}")
+    tp.server.ip("addr", "add", "203.0.113.2/24", "dev", tp.server_ifnames[1])
+    wait_for(lambda: all("203.0.113.2" in r for r in remotes()), 10,
+             what=f"the client's subflows to an address added later, have {remotes()}")
+    assert tp.server.mptcp_mib().get("MPJoinSynTx") == 0
+    assert len(remotes()) == 3
+    for pair in pairs:
+        pair.close()
+    assert d.stop() == 0
+    assert d.errors() == []
+
+
 @pytest.mark.parametrize("mode", ["kernel", "userspace"])
 def test_backup_cellular_carries_data_only_when_the_primary_is_down(
         lab: Lab, daemons, tmp_path: Path, mode: str) -> None:
