@@ -110,6 +110,11 @@ class ConnectionTable:
             if rec is None:
                 rec = ConnectionRecord(event.token, event.saddr, event.sport, event.daddr,
                                        event.dport, server_side=event.server_side)
+                # The kernel sends no SUB_ESTABLISHED for the initial subflow
+                # (SUB_CLOSED, yes): it is a subflow here as in sock_diag.
+                initial = rec.initial_subflow()
+                rec.subflows[(initial.local, initial.local_port, initial.remote,
+                              initial.remote_port)] = initial
                 self.connections[event.token] = rec
             if event.type == MptcpEventType.ESTABLISHED:
                 rec.established = True

@@ -114,6 +114,16 @@ class Netns:
         stats = info["stats64"]
         return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"])
 
+    def mptcp_mib(self) -> dict[str, int]:
+        """The namespace's MPTCP counters (``nstat``'s MPTcpExt*, without the
+        prefix): e.g. ``MPJoinSynTx``, subflows this host tried to open."""
+        lines = [line.split() for line in self.run("cat", "/proc/net/netstat").splitlines()
+                 if line.startswith("MPTcpExt:")]
+        if len(lines) != 2:
+            return {}
+        names, values = lines
+        return {n: int(v) for n, v in zip(names[1:], values[1:], strict=True)}
+
     def socket(self, family: int = socket.AF_INET, proto: int = IPPROTO_MPTCP) -> socket.socket:
         """A socket created inside this namespace (it stays there)."""
         with in_netns(self.name):

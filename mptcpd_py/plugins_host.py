@@ -2,30 +2,68 @@
 
 A hook that raises, hangs past ``plugin_timeout`` or returns nonsense is
 logged and counted; after ``plugin_max_failures`` consecutive failures the
-plugin is disabled (the others go on). A synchronous hook that hangs is
-interrupted with SIGALRM (pure-Python loops and sleeps stop at once); an
-async hook is cancelled.
+plugin is disabled (the others go on).
+
+How a hang is stopped: plugin code runs under SIGALRM (an interval timer),
+whose handler raises :class:`PluginTimeout` in it. That is a BaseException,
+so a plugin's ``except Exception`` does not swallow it, and the alarm keeps
+firing every ``REFIRE`` seconds until the hook gives up (a bare ``except:``
+must then catch every one of them). An async hook is run step by step:
+each ``send``/``throw`` into its coroutine runs under the alarm with what
+is left of the budget, and the timer is off while the coroutine is
+suspended, so the alarm never interrupts the event loop or another task; a
+coroutine that awaits forever is cancelled at the deadline
+(``asyncio.timeout``), and one that catches its cancellation and awaits
+again is closed. The handler raises only while a guarded frame
+(:func:`_guarded`) is on the stack, so a late alarm, one racing the disarm,
+can never raise in the core. What no Python code can stop (a C call that
+does not return on a signal, or a loop catching BaseException around every
+statement) is left to the systemd watchdog.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
+from types import FrameType
 from typing import Any
 
 from mptcpd_py.loader import Available
 from mptcpd_py.plugin import Plugin, PluginState
 
+# Seconds between alarms once a hook is overdue, and the most a step of an
+# async hook gets (to handle its cancellation) when its budget is spent.
+REFIRE = 0.05
 
-class PluginTimeout(Exception):
-    """Raised inside a plugin hook that ran past its time."""
+
+class PluginTimeout(BaseException):
+    """Raised inside a plugin hook that ran past its time (a BaseException,
+    so the plugin's ``except Exception`` does not catch it)."""
 
 
 FAILED = object()
+
+
+def _guarded(fn: Callable[..., Any], args: tuple[Any, ...], materialize: bool = False) -> Any:
+    """Plugin code runs below this frame and only there may the alarm raise."""
+    result = fn(*args)
+    if materialize and result is not None and not _awaitable(result):
+        result = list(result)  # a generator runs here, under the timer too
+    return result
+
+
+def _awaitable(value: Any) -> bool:
+    # inspect.isawaitable is an ABC check: skip it for what hooks mostly return.
+    return value is not None and type(value) not in (list, tuple) and \
+        inspect.isawaitable(value)
+
+
+_GUARD_CODE = _guarded.__code__
 
 
 class PluginHost:
@@ -36,15 +74,23 @@ class PluginHost:
         self.log = log
         self.states: list[PluginState] = []
         self.on_failure = on_failure
-        self._armed = False
+        self._deadline = 0.0  # monotonic end of the guarded step running; 0 = none
+        self._async_hooks: dict[tuple[type[Plugin], str], bool] = {}
         self._use_alarm = threading.current_thread() is threading.main_thread()
         if self._use_alarm:
             signal.signal(signal.SIGALRM, self._on_alarm)
 
-    def _on_alarm(self, _signum: int, _frame: Any) -> None:
-        if self._armed:
-            self._armed = False
-            raise PluginTimeout()
+    def _on_alarm(self, _signum: int, frame: FrameType | None) -> None:
+        deadline = self._deadline
+        # No step running, or an alarm before its deadline: one that raced
+        # the disarm of an earlier step (the millisecond is slack between
+        # the timer's clock and ours).
+        if not deadline or time.monotonic() < deadline - 0.001:
+            return
+        while frame is not None:
+            if frame.f_code is _GUARD_CODE:
+                raise PluginTimeout()
+            frame = frame.f_back
 
     def instantiate(self, enabled: Sequence[str], available: dict[str, Available],
                     configs: Any, make_log: Callable[[str], Any]) -> list[str]:
@@ -77,15 +123,23 @@ class PluginHost:
         if not state.enabled:
             return FAILED
         state.calls += 1
-        fn = getattr(state.plugin, hook)
-        started = time.monotonic()
+        plugin = state.plugin
+        fn = getattr(plugin, hook)
+        deadline = time.monotonic() + self.timeout
         try:
-            result = self._timed(fn, args, materialize)
-            if inspect.isawaitable(result):
-                remaining = max(0.001, self.timeout - (time.monotonic() - started))
-                result = await asyncio.wait_for(result, remaining)
+            is_async = self._async_hooks.get((type(plugin), hook))
+            if is_async is None:
+                is_async = inspect.iscoroutinefunction(fn)
+                self._async_hooks[(type(plugin), hook)] = is_async
+            # An async hook's call only makes the coroutine: no plugin code runs yet.
+            result = fn(*args) if is_async else self._step(deadline, fn, args, materialize)
+            if _awaitable(result):
+                if self._use_alarm and inspect.iscoroutine(result):
+                    result = _Stepped(self, result, deadline)
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    result = await result
                 if materialize and result is not None:
-                    result = list(result)
+                    result = self._step(deadline, list, (result,))
         except (TimeoutError, PluginTimeout):
             self.fail(state, hook, f"hook {hook} took longer than {self.timeout:g}s")
             return FAILED
@@ -104,20 +158,26 @@ class PluginHost:
         """The caller found the hook's result valid: the failure streak ends."""
         state.failures = 0
 
-    def _timed(self, fn: Callable[..., Any], args: tuple[Any, ...], materialize: bool) -> Any:
+    def _step(self, deadline: float, fn: Callable[..., Any], args: tuple[Any, ...],
+              materialize: bool = False) -> Any:
+        """Run plugin code under the alarm until ``deadline``; past it, a step
+        (handling its cancellation) gets REFIRE, or the timeout if shorter.
+
+        The timer is off again before this returns, so no SIGALRM
+        interrupts a system call of the core (Python retries one after
+        EINTR, C code in an extension may not)."""
         if not self._use_alarm:
-            result = fn(*args)
-            return list(result) if materialize and result is not None and \
-                not inspect.isawaitable(result) else result
-        self._armed = True
-        signal.setitimer(signal.ITIMER_REAL, self.timeout)
+            return _guarded(fn, args, materialize)
+        now = time.monotonic()
+        budget = deadline - now
+        if budget < REFIRE:
+            budget = max(budget, min(REFIRE, self.timeout))
+        self._deadline = now + budget
+        signal.setitimer(signal.ITIMER_REAL, budget, REFIRE)
         try:
-            result = fn(*args)
-            if materialize and result is not None and not inspect.isawaitable(result):
-                result = list(result)  # a generator runs here, under the timer too
-            return result
+            return _guarded(fn, args, materialize)
         finally:
-            self._armed = False
+            self._deadline = 0.0
             signal.setitimer(signal.ITIMER_REAL, 0)
 
     def fail(self, state: PluginState, hook: str, message: str,
@@ -144,7 +204,65 @@ class PluginHost:
 
     def close(self) -> None:
         if self._use_alarm:
+            self._deadline = 0.0
             signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+class _Stepped:
+    """Awaits a hook's coroutine, every step of it under the alarm.
+
+    The task driving it calls ``send``/``throw`` here; each goes into the
+    coroutine through :meth:`PluginHost._step`. Between steps the coroutine
+    waits on a future and the timer is off.
+    """
+
+    __slots__ = ("_coro", "_deadline", "_host")
+
+    def __init__(self, host: PluginHost, coro: Coroutine[Any, Any, Any], deadline: float
+                 ) -> None:
+        self._host = host
+        self._coro = coro
+        self._deadline = deadline
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self  # a generator by protocol: send, throw, close
+
+    def __iter__(self) -> _Stepped:
+        return self
+
+    def _run(self, method: Callable[..., Any], arg: Any) -> Any:
+        try:
+            return self._host._step(self._deadline, method, (arg,))
+        except PluginTimeout:
+            if inspect.getcoroutinestate(self._coro) == inspect.CORO_SUSPENDED:
+                self.close()  # the alarm came just after it yielded: it is still suspended
+            raise
+
+    def __next__(self) -> Any:
+        return self._run(self._coro.send, None)
+
+    def send(self, value: Any) -> Any:
+        return self._run(self._coro.send, value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if isinstance(typ, BaseException):
+            exc = typ
+        else:
+            exc = val if isinstance(val, BaseException) else typ() if val is None else typ(val)
+        if tb is not None:
+            exc = exc.with_traceback(tb)
+        yielded = self._run(self._coro.throw, exc)
+        if isinstance(exc, asyncio.CancelledError):
+            # It caught its cancellation and waits again: nothing would ever
+            # wake it. Close it (its finally blocks run) and be cancelled.
+            self.close()
+            raise exc
+        return yielded
+
+    def close(self) -> None:
+        # It may ignore GeneratorExit or raise on the way out: it is gone either way.
+        with contextlib.suppress(Exception, PluginTimeout):
+            self._host._step(self._deadline, self._coro.close, ())
 
 
 __all__ = ["FAILED", "Plugin", "PluginHost", "PluginTimeout"]

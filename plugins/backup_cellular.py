@@ -8,8 +8,24 @@ link (ARPHRD_RAWIP, as qmi_wwan / rmnet / mhi modems are).
 In-kernel path manager: endpoints on cellular interfaces (whatever plugin
 proposed them) get the ``backup`` flag; the kernel sends data over backup
 subflows only when no other subflow works, and moves back when one does.
-Userspace path manager: every subflow over a cellular interface is marked
-backup (MP_PRIO) as soon as it is established.
+
+Userspace path manager: as soon as a connection has a subflow over a
+non-cellular interface, each of its subflows over a cellular interface is
+marked backup (MP_PRIO), the initial subflow included: a connection
+opened while only the modem was up moves its data to Wi-Fi or Ethernet
+when that path arrives and gets its subflow (opened by fullmesh or sspi).
+
+- A connection with no other path keeps its cellular subflows as they
+  are: backup would change nothing (a backup subflow carries the data
+  when it is all there is) and would cost an MP_PRIO per connection.
+- A subflow marked backup stays backup when the non-cellular paths go
+  away: the data moves to it at once anyway (both Linux ends send over
+  backup subflows when no other is left), and moves back the moment a
+  non-cellular subflow returns, with no moment in which cellular carries
+  data alongside it. The in-kernel path manager behaves the same (the
+  cellular endpoint keeps its backup flag).
+- Changing ``match`` (a reload) applies to subflows from then on; a
+  subflow already marked backup keeps its flag until it closes.
 """
 
 from __future__ import annotations
@@ -76,6 +92,26 @@ class BackupCellular(Plugin):
                 return ctx.net.interfaces.get(addr.index)
         return None
 
+    def _prefer_non_cellular(self, ctx: ConnectionContext) -> None:
+        cellular = []
+        better_path = False
+        for subflow in ctx.conn.subflows:
+            iface = self._subflow_interface(ctx, subflow)
+            if iface is None or not iface.running:
+                continue  # its path is gone: the core closes it
+            if not self._cellular(iface):
+                better_path = True
+            elif not subflow.backup:
+                cellular.append(subflow)
+        if better_path:
+            for subflow in cellular:
+                ctx.set_backup(subflow, True, reason="cellular interface: backup")
+
+    def connection_established(self, ctx: ConnectionContext) -> None:
+        self._prefer_non_cellular(ctx)
+
     def subflow_established(self, ctx: ConnectionContext, subflow: Subflow) -> None:
-        if not subflow.backup and self._cellular(self._subflow_interface(ctx, subflow)):
-            ctx.set_backup(subflow, True, reason="cellular interface: backup")
+        self._prefer_non_cellular(ctx)
+
+    def network_changed(self, ctx: ConnectionContext) -> None:
+        self._prefer_non_cellular(ctx)

@@ -8,7 +8,10 @@ Userspace path manager: for each established connection, a subflow from
 every eligible local address to every known peer address (the initial one
 and those announced) of the same family, up to ``max_subflows`` per
 connection; a path that comes back (its address eligible again) gets its
-subflows again.
+subflows again, the initial subflow's path included. Connections this
+host accepted are left alone: a subflow is the client's to open (a join
+toward the client's ephemeral port is refused); a server announces its
+addresses instead (``server_announce``).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class Fullmesh(Plugin):
 
     def _mesh(self, ctx: ConnectionContext) -> None:
         conn = ctx.conn
-        if not conn.established:
+        if not conn.established or conn.server_side:
             return
         remotes = list(conn.remotes) or [RemoteAddress(0, conn.remote, conn.remote_port)]
         count = len(conn.subflows) or 1
@@ -62,9 +65,7 @@ class Fullmesh(Plugin):
                 if local.version != remote.address.version:
                     continue
                 port = remote.port or conn.remote_port
-                if local == conn.local and remote.address == conn.remote:
-                    continue  # the initial subflow
-                if conn.has_subflow(local, remote.address, port):
+                if conn.has_subflow(local, remote.address, port):  # the initial one too
                     continue
                 ctx.create_subflow(local, remote.address, port,
                                    reason=f"fullmesh {local} -> {remote.address}")
@@ -82,5 +83,5 @@ class Fullmesh(Plugin):
     def subflow_closed(self, ctx: ConnectionContext, subflow: Subflow) -> None:
         # Only re-mesh when the path is still usable; a dead path comes back
         # through network_changed once its address is eligible again.
-        if ctx.net.candidate(subflow.local) is not None and subflow.local != ctx.conn.local:
+        if ctx.net.candidate(subflow.local) is not None:
             self._mesh(ctx)

@@ -3,8 +3,10 @@
 For each established connection, one subflow from each eligible interface
 (other than the one carrying the initial subflow) to the peer's initial
 address, using the interface's first eligible address of the connection's
-family. An interface that comes back gets its subflow again; a second
-subflow over the same interface is never opened.
+family. An interface that comes back gets its subflow again, the initial
+subflow's interface included; a second subflow over the same interface is
+never opened. Connections this host accepted are left alone: a subflow is
+the client's to open (use ``server_announce`` on a server).
 
 (The C mptcpd's sspi never creates a subflow: it announces with id 0,
 which the kernel refuses. This one does.)
@@ -21,11 +23,12 @@ class SingleSubflowPerInterface(Plugin):
 
     def _ensure(self, ctx: ConnectionContext) -> None:
         conn = ctx.conn
-        if not conn.established:
+        if not conn.established or conn.server_side:
             return
         by_address = {a.address: a.index for a in ctx.net.addresses}
+        # Interfaces carrying a subflow now: the initial one is among the
+        # subflows while it lives, so its interface gets a new one after it died.
         used = {by_address.get(s.local) for s in conn.subflows}
-        used.add(by_address.get(conn.local))
         for cand in ctx.net.eligible:
             index = cand.interface.index
             local = cand.address.address

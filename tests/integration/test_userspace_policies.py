@@ -3,8 +3,10 @@ backup_cellular and server-side announcements, and bursts of connections."""
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +37,16 @@ def client_token(tp: TwoPaths, local_port: int) -> int:
     return token
 
 
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from a socket with a timeout (mptcp_connect sets 5 s)."""
+    received = b""
+    while len(received) < size:
+        chunk = sock.recv(size - len(received))
+        assert chunk, f"connection closed after {received!r}"
+        received += chunk
+    return received
+
+
 def test_userspace_fullmesh_opens_every_local_remote_pair(
         lab: Lab, daemons, tmp_path: Path) -> None:
     tp = TwoPaths(lab)
@@ -59,6 +71,15 @@ def test_userspace_fullmesh_opens_every_local_remote_pair(
     tp.add_default_routes(1, v6=False)
     wait_for(lambda: pairs() == expected, 10, what=f"subflows back, have {pairs()}")
     assert len(subflows_by_token(tp.client)[token]) == 4
+    # So does the initial subflow's path (the kernel takes id 0 again).
+    tp.client.ip("link", "set", tp.ifnames[0], "down")
+    wait_for(lambda: all(c != "192.0.2.1" for c, _ in pairs()), 10, what="initial path gone")
+    tp.client.ip("link", "set", tp.ifnames[0], "up")
+    tp.add_default_routes(0, v6=False)
+    wait_for(lambda: pairs() == expected, 10, what=f"initial path back, have {pairs()}")
+    assert len(subflows_by_token(tp.client)[token]) == 4
+    pair.server.sendall(b" still here")
+    assert read_exactly(pair.client, 13) == b"go still here"
     pair.close()
     assert d.stop() == 0
     assert d.errors() == []
@@ -113,6 +134,16 @@ def test_sspi_opens_one_subflow_per_interface(lab: Lab, daemons, tmp_path: Path)
     tp.client.ip("link", "set", tp.ifnames[1], "up")
     wait_for(lambda: len(locals_()) == 2, 10, what=f"one subflow back, have {locals_()}")
     assert locals_()[0] == "192.0.2.1" and locals_()[1].startswith("198.51.100.")
+    # The initial subflow's interface: its subflow goes with it and comes back.
+    second = locals_()[1]
+    tp.client.ip("link", "set", tp.ifnames[0], "down")
+    wait_for(lambda: locals_() == [second], 10, what=f"initial subflow gone, have {locals_()}")
+    tp.client.ip("link", "set", tp.ifnames[0], "up")
+    tp.add_default_routes(0, v6=False)
+    wait_for(lambda: locals_() == ["192.0.2.1", second], 10,
+             what=f"a subflow on the initial interface again, have {locals_()}")
+    pair.server.sendall(b"!")
+    assert read_exactly(pair.client, 3) == b"go!"
     pair.close()
     assert d.stop() == 0
     assert d.errors() == []
@@ -137,6 +168,38 @@ def test_server_announces_its_other_addresses_to_each_client(
     wait_for(lambda: len(remotes()) == 3 and all(
         r == {"192.0.2.2", "198.51.100.2"} for r in remotes().values()), 10,
         what=f"a subflow to the announced address on every connection, have {remotes()}")
+    for pair in pairs:
+        pair.close()
+    assert d.stop() == 0
+    assert d.errors() == []
+
+
+def test_fullmesh_and_sspi_leave_server_side_connections_to_the_client(
+        lab: Lab, daemons, tmp_path: Path) -> None:
+    """On a server, a subflow is the client's to open: a join toward the
+    client's ephemeral port would only be refused and retried. The server
+    announces instead (server_announce, after them: when it has acted, so
+    have they), on establishment and on a network change."""
+    tp = TwoPaths(lab)
+    tp.client.ip("mptcp", "limits", "set", "subflows", "4", "add_addr_accepted", "4")
+    d = daemons(tp.server, daemon_config(
+        str(tmp_path / "state"), plugins=["fullmesh", "sspi", "server_announce"],
+        extra=USERSPACE)).start()
+    listener = mptcp_listen(tp.server, "0.0.0.0")
+    pairs = [mptcp_connect(tp.client, listener, address="192.0.2.2") for _ in range(3)]
+    for pair in pairs:
+        pair.client.sendall(b"hello")  # server side ESTABLISHED
+        read_exactly(pair.server, 5)
+
+    def remotes() -> list[set[str]]:
+        return [{str(s.remote) for s in subs} for subs in subflows_by_token(tp.client).values()]
+    wait_for(lambda: remotes() and all(r == {"192.0.2.2", "198.51.100.2"} for r in remotes()),
+             10, what=f"the client's subflows to the announced address, have {remotes()}")
+    tp.server.ip("addr", "add", "203.0.113.2/24", "dev", tp.server_ifnames[1])
+    wait_for(lambda: all("203.0.113.2" in r for r in remotes()), 10,
+             what=f"the client's subflows to an address added later, have {remotes()}")
+    assert tp.server.mptcp_mib().get("MPJoinSynTx") == 0
+    assert len(remotes()) == 3
     for pair in pairs:
         pair.close()
     assert d.stop() == 0
@@ -186,6 +249,59 @@ def test_backup_cellular_carries_data_only_when_the_primary_is_down(
     finally:
         transfer.stop()
     assert d.stop() == 0
+
+
+def test_backup_cellular_sets_an_initial_subflow_over_cellular_backup_once_a_better_path_is_up(
+        lab: Lab, daemons, tmp_path: Path) -> None:
+    """A connection opened while only wwan0 is up starts on cellular; when
+    eth0 arrives and gets its subflow, the initial cellular subflow becomes
+    backup and the data moves to eth0, to cellular when eth0 goes, and back."""
+    tp = TwoPaths(lab, ifnames=("eth0", "wwan0"))
+    for ifname in tp.ifnames:
+        shape(tp.client, ifname, 20)
+    tp.server.ip("mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "8")
+    tp.client.ip("link", "set", "eth0", "down")
+    d = daemons(tp.client, daemon_config(str(tmp_path / "state"),
+                                         plugins=["fullmesh", "backup_cellular"],
+                                         extra=USERSPACE)).start()
+    transfer = BulkTransfer(tp.client, tp.server, tp.server_addr(1)).start()
+
+    def carried(seconds: float = 1.5) -> dict[str, int]:
+        before = {i: tp.client.link_bytes(i)[1] for i in tp.ifnames}
+        time.sleep(seconds)
+        return {i: tp.client.link_bytes(i)[1] - before[i] for i in tp.ifnames}
+
+    def subflows() -> list[Any]:
+        return [s for subs in subflows_by_token(tp.client).values() for s in subs]
+    try:
+        wait_for(lambda: transfer.received > 500_000, 10, what="data over wwan0")
+        (initial,) = subflows()
+        assert (str(initial.local), initial.local_id, initial.backup) == \
+            ("198.51.100.1", 0, False)  # the only path: not worth an MP_PRIO
+        tp.client.ip("link", "set", "eth0", "up")
+        tp.add_default_routes(0, v6=False)
+        wait_for(lambda: any(str(s.local) == "192.0.2.1" for s in subflows()), 10,
+                 what="a subflow over eth0")
+        wait_for(lambda: all(s.backup == (str(s.local) == "198.51.100.1")
+                             for s in subflows()), 10,
+                 what=f"the initial wwan0 subflow backup, have {subflows()}")
+        wait_for(lambda: carried(0.5)["wwan0"] < 30_000, 10, what="wwan0 idle")
+        primary = carried()
+        assert primary["eth0"] > 2_000_000 and primary["wwan0"] < 100_000, primary
+        tp.client.ip("link", "set", "eth0", "down")
+        wait_for(lambda: carried(0.5)["wwan0"] > 300_000, 10, what="traffic on wwan0")
+        cellular = carried()  # backup, and the only path left: it carries the data
+        assert cellular["wwan0"] > 1_000_000, cellular
+        tp.client.ip("link", "set", "eth0", "up")
+        tp.add_default_routes(0, v6=False)
+        wait_for(lambda: carried(0.5)["wwan0"] < 30_000, 10, what="wwan0 idle again")
+        back = carried()
+        assert back["eth0"] > 2_000_000 and back["wwan0"] < 100_000, back
+        assert transfer.alive(), transfer.error
+    finally:
+        transfer.stop()
+    assert d.stop() == 0
+    assert d.errors() == []
 
 
 @pytest.mark.timeout(300)
