@@ -57,6 +57,7 @@ class UserspacePM:
         self.log = core.log
         self.actions_done = 0
         self.actions_failed = 0
+        self._kept_last: set[int] = set()  # tokens whose last subflow sits on a dead path
 
     @property
     def connections(self) -> dict[int, ConnectionRecord]:
@@ -140,8 +141,9 @@ class UserspacePM:
 
     async def network_changed(self, net: NetworkSnapshot) -> None:
         """A path that went away takes its subflows and announcements with it
-        (as deleting an endpoint does for the in-kernel PM); then the plugins
-        see the new network."""
+        (as deleting an endpoint does for the in-kernel PM), except a
+        connection's last subflow; then the plugins see the new network."""
+        self._kept_last &= self.table.connections.keys()
         for rec in list(self.table.connections.values()):
             await self._prune_dead_paths(rec, net)
         if not self.core.host.implementing("network_changed"):
@@ -154,11 +156,21 @@ class UserspacePM:
     async def _prune_dead_paths(self, rec: ConnectionRecord, net: NetworkSnapshot) -> None:
         usable = {a.address for a in net.addresses
                   if (iface := net.interfaces.get(a.index)) is not None and iface.running}
-        for sub in list(rec.subflows.values()):
-            if sub.local not in usable:
-                await self._execute(rec, Action("destroy_subflow", rec.token, sub.local,
-                                                sub.local_port, sub.remote, sub.remote_port,
-                                                plugin="core", reason="path gone"), net)
+        dead = [sub for sub in rec.subflows.values() if sub.local not in usable]
+        if dead and len(dead) == len(rec.subflows):
+            # Its last path: closing it would end the connection (a server can
+            # never reopen it); a flap may bring the path back, as for TCP.
+            if rec.token not in self._kept_last:
+                self._kept_last.add(rec.token)
+                self.log.info("keeping the connection's last subflow on a dead path",
+                              token=rec.token, addr=str(dead[0].local))
+            dead = []
+        else:
+            self._kept_last.discard(rec.token)
+        for sub in dead:
+            await self._execute(rec, Action("destroy_subflow", rec.token, sub.local,
+                                            sub.local_port, sub.remote, sub.remote_port,
+                                            plugin="core", reason="path gone"), net)
         for _id, (address, _port) in list(rec.announced.items()):
             if address not in usable:
                 await self._execute(rec, Action("remove", rec.token, address, plugin="core",

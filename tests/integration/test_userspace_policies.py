@@ -332,3 +332,29 @@ def test_event_overflow_is_survived_and_every_connection_still_gets_its_subflow(
     d.wait_log("connection table rebuilt")
     assert d.proc.poll() is None
     assert d.stop() == 0
+
+
+def test_a_link_flap_never_costs_a_connection_its_last_subflow(
+        lab: Lab, daemons, tmp_path: Path) -> None:
+    """A dead path's subflows are closed only while the connection keeps
+    another one: its only subflow rides out a flap, as plain TCP would
+    (a server could never reopen it)."""
+    tp = TwoPaths(lab)
+    d = daemons(tp.client, daemon_config(str(tmp_path / "state"), plugins=[],
+                                         extra=USERSPACE)).start()
+    listener = mptcp_listen(tp.server, "192.0.2.2")
+    pair = mptcp_connect(tp.client, listener)
+    pair.server.sendall(b"go")
+    assert read_exactly(pair.client, 2) == b"go"
+    token = client_token(tp, pair.client.getsockname()[1])
+    (only,) = subflows_by_token(tp.client)[token]
+    tp.client.ip("link", "set", tp.ifnames[0], "down")
+    d.wait_log("keeping the connection's last subflow on a dead path", token=token)
+    tp.client.ip("link", "set", tp.ifnames[0], "up")
+    tp.add_default_routes(0, v6=False)
+    pair.client.sendall(b"still here")
+    assert read_exactly(pair.server, 10) == b"still here"
+    (after,) = subflows_by_token(tp.client)[token]
+    assert (after.local_port, after.remote_port) == (only.local_port, only.remote_port)
+    pair.close()
+    assert d.stop() == 0
