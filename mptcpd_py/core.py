@@ -18,7 +18,7 @@ import errno
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,6 +39,7 @@ from mptcpd_py.netlink.types import (
     Capabilities,
     EndpointFlags,
     LinkEvent,
+    MptcpEvent,
     ResyncNeeded,
     RouteEvent,
     RtnlEvent,
@@ -201,8 +202,11 @@ class Core:
             try:
                 if isinstance(event, ResyncNeeded):
                     self.stats.resyncs["rtnetlink"] += 1
+                    # What is still queued predates the dump below: applied
+                    # after it, it would resurrect deleted addresses.
+                    superseded = self.rtnl_events.take_superseded()
                     self.log.warning("rtnetlink events lost; re-reading the network",
-                                     reason=event.reason)
+                                     reason=event.reason, superseded=len(superseded))
                     self.monitor.publish("resync", source="rtnetlink", reason=event.reason)
                     await self._load_network()
                     self.request_reconcile("rtnetlink overflow", full=True)
@@ -225,12 +229,16 @@ class Core:
         async for event in self.mptcp_events:
             if isinstance(event, ResyncNeeded):
                 self.stats.resyncs["mptcp_pm_events"] += 1
-                self.log.warning("MPTCP events lost; resyncing", reason=event.reason)
+                # Queued events predate the sock_diag dump below; the table
+                # decides which of them the dump supersedes.
+                superseded = self.mptcp_events.take_superseded()
+                self.log.warning("MPTCP events lost; resyncing", reason=event.reason,
+                                 superseded=len(superseded))
                 self.monitor.publish("resync", source="mptcp_pm_events", reason=event.reason)
                 if self.userspace is not None:
-                    await self.userspace.resync()
+                    await self.userspace.resync(superseded)
                 else:
-                    await self._rebuild_connections()
+                    await self._rebuild_connections(superseded)
                 continue
             kind = event.type.name.lower() if hasattr(event.type, "name") else str(event.type)
             self.stats.events[f"mptcp_{kind}"] += 1
@@ -248,9 +256,9 @@ class Core:
                                exc_info=exc)
             self.stats.latencies.append(time.perf_counter() - started)
 
-    async def _rebuild_connections(self) -> None:
+    async def _rebuild_connections(self, superseded: Sequence[MptcpEvent] = ()) -> None:
         try:
-            await self.connections.resync(self.netns)
+            await self.connections.resync(self.netns, superseded)
         except KernelError as exc:
             self.log.error("connection table resync failed", error=str(exc))
 

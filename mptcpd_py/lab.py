@@ -77,6 +77,18 @@ class Netns:
         self.processes.append(proc)
         return proc
 
+    def batch(self, commands: Sequence[str], *, force: bool = True,
+              timeout: float = 60) -> str:
+        """Many ``ip`` commands in one process (``ip -batch``): thousands of
+        netlink events a second. ``force`` goes on past a failing line;
+        returns what ip printed on stderr (one message per failed line)."""
+        args = ["ip", "-n", self.name, *(["-force"] if force else []), "-batch", "-"]
+        proc = subprocess.run(args, input="".join(f"{c}\n" for c in commands),
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        if proc.returncode != 0 and not force:
+            raise LabError(f"ip -batch: {proc.stderr.strip()}")
+        return proc.stderr
+
     def sysctl(self, key: str, value: str | int) -> None:
         self.run("sysctl", "-q", "-w", f"{key}={value}")
 
@@ -189,6 +201,15 @@ def shape(ns: Netns, ifname: str, rate_mbit: float, *, latency_ms: int = 20) -> 
             "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", f"{latency_ms}ms",
         ]
     )
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process (VmRSS), in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise LabError(f"no VmRSS for pid {pid}")
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01,

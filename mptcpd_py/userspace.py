@@ -12,6 +12,7 @@ backoff instead of in a loop.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mptcpd_py.connections import ConnectionRecord, ConnectionTable
@@ -68,11 +69,13 @@ class UserspacePM:
     def config_changed(self) -> None:
         self.log = self.core.log
 
-    async def resync(self) -> None:
-        """Rebuild the table from sock_diag, then let the plugins act on
-        every established connection as if the network had changed."""
+    async def resync(self, superseded: Sequence[MptcpEvent] = ()) -> None:
+        """Rebuild the table from sock_diag (``superseded``: the events
+        queued before it, see :meth:`ConnectionTable.resync`), then let the
+        plugins act on every established connection as if the network had
+        changed."""
         try:
-            await self.table.resync(self.core.netns)
+            await self.table.resync(self.core.netns, superseded)
         except KernelError as exc:
             self.log.error("connection table resync failed", error=str(exc))
             return

@@ -135,3 +135,30 @@ async def test_rtnl_overflow_becomes_resync_and_stream_goes_on(lab: Lab) -> None
         assert not event.removed
     finally:
         events.close()
+
+
+async def test_events_queued_before_a_resync_are_taken_off_the_stream(lab: Lab) -> None:
+    """The kernel reports ENOBUFS before the messages it had queued: those
+    reach the reader after the ResyncNeeded and predate the dump that
+    follows. take_superseded() reads the socket dry and hands them over,
+    so only events from then on come through the stream."""
+    ns = lab.netns("rt")
+    ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+    ns.ip("link", "set", "eth0", "up")
+    events = RtnlEvents.open(netns=ns.name)
+    try:
+        events.sock.set_rcvbuf(4096)
+        events.sock.pause_reading()
+        ns.batch([f"address add 203.0.113.{i}/32 dev eth0" for i in range(1, 201)])
+        events.sock.resume_reading()
+        first = await asyncio.wait_for(events.__anext__(), 5)
+        assert isinstance(first, ResyncNeeded)
+        superseded = events.take_superseded()
+        assert superseded and all(isinstance(e, AddressEvent) for e in superseded)
+        assert events.get_nowait() is None
+        ns.ip("address", "add", "192.0.2.77/32", "dev", "eth0")
+        after = await asyncio.wait_for(events.__anext__(), 5)
+        assert isinstance(after, AddressEvent)
+        assert str(after.address.address) == "192.0.2.77"
+    finally:
+        events.close()
