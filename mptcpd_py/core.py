@@ -130,6 +130,7 @@ class Core:
         self._passes = 0
         self._dirty_since = 0.0
         self._stopping = False
+        self._waiting: set[tuple[Any, int]] = set()
         self.watchdog_interval = 0.0
 
     # ------------------------------------------------------------------ start
@@ -392,16 +393,22 @@ class Core:
             self.stats.reconciles += 1
             for _op, error in result.failed:
                 self.stats.errors_by_errno[_errno_name(error.errno)] += 1
-            plan = result.plan
-            if plan.waiting:
-                for intent in plan.waiting:
-                    self.log.info("endpoint waiting for a slot", addr=str(intent.address),
-                                  ifname=self._ifname(intent.ifindex), plugin=intent.plugin)
+            self._log_waiting(result.plan.waiting)
             self._first_pass.set()
             self.on_status(self.status_line())
         async with self._pass_done:
             self._passes += 1
             self._pass_done.notify_all()
+
+    def _log_waiting(self, waiting: Sequence[EndpointIntent]) -> None:
+        """Say once when an address starts waiting for a slot, not on every
+        pass (under churn that was thousands of identical lines)."""
+        keys = {intent.key for intent in waiting}
+        for intent in waiting:
+            if intent.key not in self._waiting:
+                self.log.info("endpoint waiting for a slot", addr=str(intent.address),
+                              ifname=self._ifname(intent.ifindex), plugin=intent.plugin)
+        self._waiting = keys
 
     def _desired_routes(self, net: NetworkSnapshot) -> dict[Any, Any]:
         """Source routes for our endpoints (kernel PM), or for every eligible
