@@ -58,3 +58,18 @@ def test_run_with_a_broken_config_exits_78_with_one_line_and_no_traceback(
     assert proc.returncode == 78
     assert "Traceback" not in proc.stderr + proc.stdout
     assert f"{bad}:2: network.include: bad interface glob 'eth[0': unclosed '['" in proc.stderr
+
+
+def test_check_config_never_imports_plugins_from_a_relative_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """plugin_dirs is read before the config is validated (plugins bring
+    their schemas): a relative directory must be refused without running
+    what is in it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dropins").mkdir(mode=0o755)
+    marker = tmp_path / "imported"
+    (tmp_path / "dropins" / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[daemon]\nplugin_dirs = ["dropins"]\n')
+    assert main(["check-config", str(cfg)]) == 78
+    assert not marker.exists()
