@@ -3,29 +3,37 @@
 A hook that raises, hangs past ``plugin_timeout`` or returns nonsense is
 logged and counted; after ``plugin_max_failures`` consecutive failures the
 plugin is disabled (the others go on). A synchronous hook that hangs is
-interrupted with SIGALRM (pure-Python loops and sleeps stop at once); an
-async hook is cancelled.
+interrupted with SIGALRM (pure-Python loops and sleeps stop at once), and
+so is each step of an async hook (one that calls ``time.sleep`` instead of
+awaiting would otherwise stall the whole event loop); an async hook that
+awaits too long is cancelled. The interruption is a BaseException, so a
+hook's own ``except Exception`` cannot swallow it, and it repeats while the
+hook runs on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
 from typing import Any
 
 from mptcpd_py.loader import Available
 from mptcpd_py.plugin import Plugin, PluginState
 
 
-class PluginTimeout(Exception):
-    """Raised inside a plugin hook that ran past its time."""
+class PluginTimeout(BaseException):
+    """Raised inside a plugin hook that ran past its time (a BaseException,
+    like KeyboardInterrupt: a plugin's ``except Exception`` lets it through)."""
 
 
 FAILED = object()
+#: after the first interruption, again every so often while the hook runs on
+ALARM_REPEAT = 0.05
 
 
 class PluginHost:
@@ -43,8 +51,21 @@ class PluginHost:
 
     def _on_alarm(self, _signum: int, _frame: Any) -> None:
         if self._armed:
-            self._armed = False
             raise PluginTimeout()
+
+    @contextlib.contextmanager
+    def _alarm(self, seconds: float) -> Iterator[None]:
+        """SIGALRM in ``seconds`` (then every ALARM_REPEAT) while the block runs."""
+        if not self._use_alarm:
+            yield
+            return
+        self._armed = True
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001), ALARM_REPEAT)
+        try:
+            yield
+        finally:
+            self._armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
     def instantiate(self, enabled: Sequence[str], available: dict[str, Available],
                     configs: Any, make_log: Callable[[str], Any]) -> list[str]:
@@ -78,11 +99,13 @@ class PluginHost:
             return FAILED
         state.calls += 1
         fn = getattr(state.plugin, hook)
-        started = time.monotonic()
+        deadline = time.monotonic() + self.timeout
         try:
             result = self._timed(fn, args, materialize)
             if inspect.isawaitable(result):
-                remaining = max(0.001, self.timeout - (time.monotonic() - started))
+                remaining = max(0.001, deadline - time.monotonic())
+                if inspect.iscoroutine(result):
+                    result = self._stepwise(result, deadline)
                 result = await asyncio.wait_for(result, remaining)
                 if materialize and result is not None:
                     result = list(result)
@@ -105,20 +128,16 @@ class PluginHost:
         state.failures = 0
 
     def _timed(self, fn: Callable[..., Any], args: tuple[Any, ...], materialize: bool) -> Any:
-        if not self._use_alarm:
-            result = fn(*args)
-            return list(result) if materialize and result is not None and \
-                not inspect.isawaitable(result) else result
-        self._armed = True
-        signal.setitimer(signal.ITIMER_REAL, self.timeout)
-        try:
+        with self._alarm(self.timeout):
             result = fn(*args)
             if materialize and result is not None and not inspect.isawaitable(result):
                 result = list(result)  # a generator runs here, under the timer too
             return result
-        finally:
-            self._armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    async def _stepwise(self, coro: Coroutine[Any, Any, Any], deadline: float) -> Any:
+        """Await a hook's coroutine with each of its steps (the code between
+        two awaits, run inside the event loop) under the alarm."""
+        return await _Stepwise(self, coro, deadline)
 
     def fail(self, state: PluginState, hook: str, message: str,
              exc_info: BaseException | None = None) -> None:
@@ -145,6 +164,35 @@ class PluginHost:
     def close(self) -> None:
         if self._use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+class _Stepwise:
+    """Drives a coroutine by hand, one ``send`` (or ``throw``) at a time,
+    each under :meth:`PluginHost._alarm` for what is left of the deadline."""
+
+    def __init__(self, host: PluginHost, coro: Coroutine[Any, Any, Any],
+                 deadline: float) -> None:
+        self.host = host
+        self.coro = coro
+        self.deadline = deadline
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                with self.host._alarm(self.deadline - time.monotonic()):
+                    yielded = self.coro.send(value) if error is None else \
+                        self.coro.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            except PluginTimeout:
+                self.coro.close()
+                raise
+            try:
+                value, error = (yield yielded), None
+            except BaseException as exc:  # cancellation: let the hook clean up
+                value, error = None, exc
 
 
 __all__ = ["FAILED", "Plugin", "PluginHost", "PluginTimeout"]
