@@ -41,6 +41,9 @@ class ConnectionRecord:
     # userspace PM bookkeeping
     pending: dict[tuple[Address, Address, int], float] = field(default_factory=dict)
     backoff: dict[tuple[Address, Address, int], tuple[int, float]] = field(default_factory=dict)
+    # Started while net.mptcp.path_manager was not "userspace": the kernel
+    # keeps it with the in-kernel PM for good and refuses our commands.
+    kernel_managed: bool = False
     _snapshot: Connection | None = None
 
     def __post_init__(self) -> None:

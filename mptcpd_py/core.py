@@ -48,6 +48,7 @@ from mptcpd_py.plugin import EndpointIntent, PluginState
 from mptcpd_py.plugins_host import FAILED, PluginHost
 from mptcpd_py.routing import SourceRouting, desired_routes
 from mptcpd_py.state import OwnedEndpoint, StateStore
+from mptcpd_py.sysctl import active_path_manager, read_mptcp_sysctl
 
 
 @dataclass
@@ -131,6 +132,7 @@ class Core:
         self._dirty_since = 0.0
         self._stopping = False
         self._waiting: set[tuple[Any, int]] = set()
+        self._kernel_seen: dict[str, str] = {}
         self.watchdog_interval = 0.0
 
     # ------------------------------------------------------------------ start
@@ -386,6 +388,7 @@ class Core:
             if full:
                 self.stats.last_resync = time.time()
                 self.stats.resyncs["full"] += 1
+                self._check_kernel_settings()
             result = await self.reconciler.reconcile(desired, full=full)
             await self.routing.reconcile(self._desired_routes(net), verify=full)
             if self.userspace is not None and reasons and reasons != ["start"]:
@@ -399,6 +402,27 @@ class Core:
         async with self._pass_done:
             self._passes += 1
             self._pass_done.notify_all()
+
+    def _check_kernel_settings(self) -> None:
+        """Say once when net.mptcp.path_manager or net.mptcp.enabled no longer
+        is what the daemon set at start (the kernel sends no event; someone
+        else changed it): new connections then go to the other path manager,
+        or do not use MPTCP at all. Not fought: the admin may mean it."""
+        seen = {"path_manager": active_path_manager(),
+                "enabled": read_mptcp_sysctl("enabled") or ""}
+        wanted = {"path_manager": self.config.kernel.path_manager, "enabled": "1"}
+        for key, value in seen.items():
+            if value == self._kernel_seen.get(key, value):
+                continue
+            if value != wanted[key]:
+                self.log.warning(f"net.mptcp.{key} was changed by someone else; new "
+                                 "connections are not handled as configured",
+                                 sysctl=f"net.mptcp.{key}", value=value,
+                                 expected=wanted[key])
+            else:
+                self.log.info(f"net.mptcp.{key} is as expected again",
+                              sysctl=f"net.mptcp.{key}", value=value)
+        self._kernel_seen = seen
 
     def _log_waiting(self, waiting: Sequence[EndpointIntent]) -> None:
         """Say once when an address starts waiting for a slot, not on every

@@ -344,7 +344,7 @@ class DaemonProcess:
 
     def __init__(self, ns: Netns, workdir: str, config_text: str = "", *,
                  config_path: str | None = None, env: dict[str, str] | None = None,
-                 args: Sequence[str] = ()) -> None:
+                 args: Sequence[str] = (), prefix: Sequence[str] = ()) -> None:
         import sys  # noqa: PLC0415
 
         self.ns = ns
@@ -358,6 +358,8 @@ class DaemonProcess:
         self.notify_path = os.path.join(workdir, "notify.sock")
         self.env = env or {}
         self.args = list(args)
+        # A command the daemon runs under, e.g. setpriv dropping a capability.
+        self.prefix = list(prefix)
         self.python = sys.executable
         self.proc: subprocess.Popen[Any] | None = None
         self.messages: list[str] = []
@@ -378,7 +380,7 @@ class DaemonProcess:
         self._log_file = open(self.log_path, "a")  # noqa: SIM115
         env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, **self.env}
         env.pop("JOURNAL_STREAM", None)
-        cmd = [self.python, "-m", "mptcpd_py", "run", "-c", self.config_path,
+        cmd = [*self.prefix, self.python, "-m", "mptcpd_py", "run", "-c", self.config_path,
                "--log-format", "json", *self.args]
         self.started_at = time.monotonic()
         self.proc = self.ns.popen(cmd, stdout=self._log_file, stderr=self._log_file, env=env,

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from mptcpd_py.core import Core
 
 PENDING_TIMEOUT = 10.0
+#: the kernel's extended ack when a connection belongs to the in-kernel PM
+USERSPACE_PM_NOT_SELECTED = "userspace PM not selected"
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 30.0
 
@@ -196,7 +198,7 @@ class UserspacePM:
         pm = self.core.pm
         assert pm is not None
         token = rec.token
-        if token not in self.table.connections:
+        if token not in self.table.connections or rec.kernel_managed:
             return
         publish = self.core.monitor.publish
         try:
@@ -263,6 +265,14 @@ class UserspacePM:
         except KernelError as exc:
             self.actions_failed += 1
             self.core.stats.errors_by_errno[_errno_name(exc.errno)] += 1
+            if USERSPACE_PM_NOT_SELECTED in exc.detail:
+                # Retrying cannot help: say so once and leave it alone.
+                rec.kernel_managed = True
+                self.log.warning("connection is managed by the in-kernel path manager "
+                                 "(it started while net.mptcp.path_manager was not "
+                                 "userspace); leaving it alone", token=token,
+                                 error=str(exc))
+                return
             if action.kind == "create_subflow":
                 assert action.local is not None and action.remote is not None
                 self._note_failure(rec, (action.local, action.remote, action.remote_port))
