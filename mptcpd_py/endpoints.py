@@ -237,6 +237,7 @@ class EndpointReconciler:
         self.on_operation = on_operation  # callback(kind, OwnedEndpoint, reason, ok, error)
         self.ifname_of = ifname_of or (lambda index: "")
         self._deleted_externally: dict[Key, list[float]] = {}
+        self._passes = 0
 
     @property
     def owned(self) -> dict[Key, OwnedEndpoint]:
@@ -285,14 +286,23 @@ class EndpointReconciler:
                 break
             await self.resync()
         self.store.flush()
+        self._passes += 1
         return result
 
     def _forget(self, gone: Iterable[OwnedEndpoint], result: PassResult) -> None:
         now = time.monotonic()
         for rec in gone:
             self.store.drop_endpoint(rec)
-            self._deleted_externally.setdefault(rec.key, []).append(now)
             result.forgotten.append(rec)
+            if not self._passes:
+                # Left by the previous run: an add journaled but not made, or
+                # a delete made but not journaled, when it was killed. Nobody
+                # else deleted it, so it counts for nothing.
+                self.log.info("owned endpoint not in the kernel at start; forgotten",
+                              addr=str(rec.address), endpoint_id=rec.id,
+                              ifname=self.ifname_of(rec.ifindex))
+                continue
+            self._deleted_externally.setdefault(rec.key, []).append(now)
             self.log.warning("endpoint deleted by someone else", addr=str(rec.address),
                              endpoint_id=rec.id, ifname=self.ifname_of(rec.ifindex))
             if len(self._deleted_externally[rec.key]) == self.CONTEST_LIMIT:

@@ -263,3 +263,20 @@ async def test_remove_all_deletes_only_what_we_own(rig) -> None:
     assert [str(r.address) for r in removed] == ["192.0.2.1"]
     assert list(kernel.eps) == [50]
     assert store.state.endpoints == {}
+
+
+async def test_records_left_by_a_killed_run_are_forgotten_quietly_at_start(rig, tmp_path) -> None:
+    """An add journaled but never made (killed in between) is not someone
+    else's deletion: no warning, and it does not count towards contesting."""
+    kernel, _rec, store, _ = rig
+    store.put_endpoint(OwnedEndpoint(5, A("192.0.2.9"), 0, F.SUBFLOW, 0))  # then killed
+    store2 = StateStore(str(tmp_path))
+    store2.load()
+    log = Log()
+    again = EndpointReconciler(kernel, store2, log)
+    await again.reconcile([want("192.0.2.9")], full=True)
+    assert [str(e.address) for e in kernel.eps.values()] == ["192.0.2.9"]
+    assert [(level, event) for level, event, _ in log.lines if "forgotten" in event
+            or "someone else" in event] == [("info", "owned endpoint not in the kernel at "
+                                             "start; forgotten")]
+    assert again.contested() == frozenset()
