@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from mptcpd_py.lab import Lab, Netns
+from mptcpd_py.lab import Lab, Netns, wait_for
 from mptcpd_py.state import StateStore
 
 LINKS = ("eth0", "eth1", "eth2", "eth3")
@@ -37,6 +37,7 @@ CONFIG_EXTRA = ('[network]\nexclude = ["lo", "wan*"]\n'
                 '[plugins.addr_adv]\nflags = ["subflow"]\n'
                 '[[plugins.addr_adv.interface]]\nmatch = "eth2"\nflags = ["subflow", "backup"]\n')
 SERVER_ADDRESS = "2001:db8:ff::2"
+PROBE = "192.0.2.250"  # outside the churn pool
 
 View = dict[str, tuple[Any, ...]]
 
@@ -139,7 +140,7 @@ class ChurnBox:
             runs += 1
         return runs
 
-    def run_rounds(self, events: int, per_round: int = 100, keep_last: int = 3) -> int:
+    def run_rounds(self, events: int, per_round: int = 100, keep_last: int = 2) -> int:
         """Churn until at least ``events`` address events happened; the
         last round leaves ``keep_last`` survivors and flaps nothing.
         Returns the number of events."""
@@ -152,6 +153,27 @@ class ChurnBox:
             done += batch.events
             if last:
                 return done
+
+    # ------------------------------------------------------------ settling
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until neither the kernel nor the daemon has anything left to
+        do, so that "the endpoints are as expected" is not a glimpse of a
+        state the daemon is about to leave.
+
+        The kernel reports a link's carrier (RUNNING) up to a second after
+        ``link set up`` (linkwatch); then a probe address on eth0 makes a
+        round trip through the daemon, which reads events in order: once it
+        has added and removed the probe's endpoint, everything before is
+        handled. Needs a free endpoint slot (at most 7 expected)."""
+        assert len(self.expected()) < 8, "no slot left for the probe"
+        wait_for(lambda: all(link.get("operstate") == "UP"
+                             for link in self.box.ip_json("link", "show")
+                             if link["ifname"] in LINKS), timeout, what="links running")
+        self.box.ip("addr", "add", f"{PROBE}/32", "dev", "eth0")
+        wait_for(lambda: PROBE in self.endpoint_ids(), timeout, what="the probe's endpoint")
+        self.box.ip("addr", "del", f"{PROBE}/32", "dev", "eth0")
+        wait_for(lambda: PROBE not in self.endpoint_ids(), timeout, what="probe gone")
 
     # ------------------------------------------------------------ views
 

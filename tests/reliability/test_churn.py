@@ -28,8 +28,9 @@ def churn_scenario(lab: Lab, daemons, tmp_path: Path, events: int) -> None:  # t
     done = churn.run_rounds(events)
     generated = time.monotonic() - started
     expected = churn.expected()
-    wait_for(lambda: churn.observed() == expected, timeout=CHURN_TIME_LIMIT - generated,
-             interval=0.05, what=f"endpoints == expected (seed {seed}): {churn.observed()}")
+    churn.settle(timeout=CHURN_TIME_LIMIT - generated)
+    wait_for(lambda: churn.observed() == expected, 5, interval=0.05,
+             what=f"endpoints == expected (seed {seed})")
     total = time.monotonic() - started
     converged = total - generated
 

@@ -62,6 +62,8 @@ def test_overflow_of_both_event_sockets_resyncs_converges_and_keeps_listening(
     wait_for(lambda: churn.observed() == expected, 10, interval=0.05,
              what=f"endpoints converged after the overflow (seed {seed})")
     converged = time.monotonic() - started
+    churn.settle()  # and it was not a glimpse: nothing left to do
+    assert churn.observed() == expected
     wait_for(lambda: connections_in_status(d) == 0, 10, interval=0.05,
              what="no connection left in the table")
     logs = d.logs()
