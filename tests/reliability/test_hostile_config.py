@@ -231,10 +231,13 @@ class Tally:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """run_in_process configures logging onto a captured stream: undo it."""
+def _restore_logging_and_report() -> Iterator[None]:
+    """run_in_process configures logging onto a captured stream: undo it;
+    and say how many examples ran (``pytest -rP`` shows it)."""
     yield
     configure("info", "console", sys.stderr)
+    if Tally.examples:
+        figures("hostile_config", examples=Tally.examples, refused=Tally.refused)
 
 
 def hostile_config_property(raw: bytes, workdir: str) -> None:
@@ -384,9 +387,3 @@ def test_a_sample_of_hostile_configs_through_the_real_executable(
         assert checked.returncode == 0 and "Traceback" not in checked.stderr, checked
         return
     assert_refused_by_both_commands(box, path)
-
-
-def test_hostile_config_figures() -> None:
-    """Runs after the property tests of this module: how many examples."""
-    if Tally.examples:
-        figures("hostile_config", examples=Tally.examples, refused=Tally.refused)
