@@ -4,6 +4,7 @@ crashes, deletions and reloads."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -22,11 +23,21 @@ def eth(ns: Netns, name: str = "eth0") -> None:
 def _children(pid: int) -> list[int]:
     """The process and its descendants (ip netns exec may fork)."""
     out = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
-        for child in children:
-            out.extend(_children(int(child)))
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children = (task / "children").read_text().split()
+            for child in children:
+                out.extend(_children(int(child)))
     return out
+
+
+def _named(pid: int, comm: str) -> bool:
+    """``pid`` runs as ``comm``; False once it has exited (a short-lived
+    child of ``ip netns exec`` may be gone by the time it is read)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == comm
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def endpoints(ns: Netns) -> dict[str, dict]:
@@ -193,8 +204,7 @@ def test_another_path_manager_in_the_namespace_refuses_start(
     fake = box.popen(["python3", "-c", "open('/proc/self/comm','w').write('mptcpd');"
                       "import time; time.sleep(30)"])
     try:
-        wait_for(lambda: any(Path(f"/proc/{pid}/comm").read_text().strip() == "mptcpd"
-                             for pid in _children(fake.pid)), timeout=5)
+        wait_for(lambda: any(_named(pid, "mptcpd") for pid in _children(fake.pid)), timeout=5)
         d = daemons(box, daemon_config(str(tmp_path / "state")))
         d.start(wait_ready=False)
         assert d.proc.wait(timeout=20) == 1
@@ -221,8 +231,8 @@ def test_network_manager_in_the_namespace_is_warned_about_not_fought(
     fake = box.popen(["python3", "-c", "open('/proc/self/comm','w').write('NetworkManager');"
                       "import time; time.sleep(30)"])
     try:
-        wait_for(lambda: any(Path(f"/proc/{pid}/comm").read_text().strip() == "NetworkManager"
-                             for pid in _children(fake.pid)), timeout=5)
+        wait_for(lambda: any(_named(pid, "NetworkManager") for pid in _children(fake.pid)),
+                 timeout=5)
         d = daemons(box, daemon_config(str(tmp_path / "state"))).start()
         line = d.wait_log("NetworkManager is running here and may manage MPTCP endpoints "
                           "(connection.mptcp-flags); mptcpd-py never touches endpoints it did "
