@@ -67,7 +67,14 @@ def check_glob(pattern: str) -> str | None:
 
 
 def _absolute(path: str) -> str | None:
+    if "\0" in path:
+        return f"a path cannot contain a NUL character (got {path!r})"
     return None if os.path.isabs(path) else f"must be an absolute path (got {path!r})"
+
+
+def usable_path(path: object) -> bool:
+    """What ``_absolute`` accepts (for values read before validation)."""
+    return isinstance(path, str) and _absolute(path) is None
 
 
 def _group_exists(name: str) -> str | None:
@@ -306,10 +313,33 @@ class LineIndex:
         return 1
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+def key_text(key: str) -> str:
+    """A key as TOML writes it: bare, or quoted with escapes, so a key made
+    of blanks, quotes or control characters can neither split an error
+    message nor send escape sequences to the terminal."""
+    if _BARE_KEY.match(key):
+        return key
+    out = []
+    for c in key:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+    return '"' + "".join(out) + '"'
+
+
 def _dotted(path: tuple[Any, ...]) -> str:
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{key_text(str(part))}" if out else key_text(str(part))
     return out
 
 

@@ -4,6 +4,7 @@ rebuilt from sock_diag after an event overflow, so it stays exact."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mptcpd_py.netlink.diag import DiagSubflow, SockDiag
@@ -40,6 +41,9 @@ class ConnectionRecord:
     # userspace PM bookkeeping
     pending: dict[tuple[Address, Address, int], float] = field(default_factory=dict)
     backoff: dict[tuple[Address, Address, int], tuple[int, float]] = field(default_factory=dict)
+    # Started while net.mptcp.path_manager was not "userspace": the kernel
+    # keeps it with the in-kernel PM for good and refuses our commands.
+    kernel_managed: bool = False
     _snapshot: Connection | None = None
 
     def __post_init__(self) -> None:
@@ -156,12 +160,27 @@ class ConnectionTable:
             return rec
         return None
 
-    async def resync(self, netns: str | None = None) -> None:
+    async def resync(self, netns: str | None = None,
+                     superseded: Sequence[MptcpEvent] = ()) -> None:
         """Re-read every subflow and MPTCP listener (sock_diag) and rebuild.
+
+        ``superseded``: events received before the dump and not applied
+        (:meth:`EventStream.take_superseded`). Those that add state
+        (created, established, subflow up) are superseded by the dump: applied
+        after it, they would bring back connections closed since. Those that
+        only take state away (closed, subflow closed, address removed) are
+        applied after it: the kernel reports CLOSED while the subflows are
+        still established, so the dump may show a connection already gone.
+        Announcements, which no dump shows, are applied too.
         Raises KernelError when the kernel cannot be asked."""
         subflows, listeners = await dump_subflows(netns)
         self.listeners = set(listeners)
         self.rebuild(subflows, {port for _, port in listeners})
+        for event in superseded:
+            if isinstance(event, ConnectionClosed | AddressAnnounced | AddressRemoved) or (
+                    isinstance(event, SubflowEvent)
+                    and event.type == MptcpEventType.SUB_CLOSED):
+                self.apply(event)
 
     def rebuild(self, subflows: list[DiagSubflow], listener_ports: set[int]) -> None:
         """Replace the table with what sock_diag shows (after lost events).

@@ -19,7 +19,7 @@ import errno
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,6 +40,7 @@ from mptcpd_py.netlink.types import (
     Capabilities,
     EndpointFlags,
     LinkEvent,
+    MptcpEvent,
     ResyncNeeded,
     RouteEvent,
     RtnlEvent,
@@ -49,6 +50,7 @@ from mptcpd_py.plugins_host import FAILED, PluginHost
 from mptcpd_py.routing import SourceRouting, desired_routes
 from mptcpd_py.state import OwnedEndpoint, StateStore
 from mptcpd_py.supervise import supervise
+from mptcpd_py.sysctl import active_path_manager, read_mptcp_sysctl
 
 #: Upper bounds (seconds) of the event-handling latency histogram's buckets.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -161,6 +163,8 @@ class Core:
         self._waiting_published: frozenset[Any] = frozenset()
         self._dirty_since = 0.0
         self._stopping = False
+        self._waiting: set[tuple[Any, int]] = set()
+        self._kernel_seen: dict[str, str] = {}
         self.watchdog_interval = 0.0
         # Set when a loop keeps crashing: the daemon exits non-zero (systemd restarts it).
         self.failed = asyncio.Event()
@@ -258,8 +262,11 @@ class Core:
             try:
                 if isinstance(event, ResyncNeeded):
                     self.stats.resyncs["rtnetlink"] += 1
+                    # What is still queued predates the dump below: applied
+                    # after it, it would resurrect deleted addresses.
+                    superseded = self.rtnl_events.take_superseded()
                     self.log.warning("rtnetlink events lost; re-reading the network",
-                                     reason=event.reason)
+                                     reason=event.reason, superseded=len(superseded))
                     self.monitor.publish("resync", source="rtnetlink", reason=event.reason)
                     await self._load_network()
                     self.request_reconcile("rtnetlink overflow", full=True)
@@ -282,12 +289,16 @@ class Core:
         async for event in self.mptcp_events:
             if isinstance(event, ResyncNeeded):
                 self.stats.resyncs["mptcp_pm_events"] += 1
-                self.log.warning("MPTCP events lost; resyncing", reason=event.reason)
+                # Queued events predate the sock_diag dump below; the table
+                # decides which of them the dump supersedes.
+                superseded = self.mptcp_events.take_superseded()
+                self.log.warning("MPTCP events lost; resyncing", reason=event.reason,
+                                 superseded=len(superseded))
                 self.monitor.publish("resync", source="mptcp_pm_events", reason=event.reason)
                 if self.userspace is not None:
-                    await self.userspace.resync()
+                    await self.userspace.resync(superseded)
                 else:
-                    await self._rebuild_connections()
+                    await self._rebuild_connections(superseded)
                 continue
             kind = event.type.name.lower() if hasattr(event.type, "name") else str(event.type)
             self.stats.events[f"mptcp_{kind}"] += 1
@@ -308,9 +319,9 @@ class Core:
                                exc_info=exc)
             self.stats.latencies.append(time.perf_counter() - started)
 
-    async def _rebuild_connections(self) -> None:
+    async def _rebuild_connections(self, superseded: Sequence[MptcpEvent] = ()) -> None:
         try:
-            await self.connections.resync(self.netns)
+            await self.connections.resync(self.netns, superseded)
         except KernelError as exc:
             self.log.error("connection table resync failed", error=str(exc))
 
@@ -441,6 +452,7 @@ class Core:
             if full:
                 self.stats.last_resync = time.time()
                 self.stats.resyncs["full"] += 1
+                self._check_kernel_settings()
             self._pass_reasons = reasons
             result = await self.reconciler.reconcile(desired, full=full)
             await self.routing.reconcile(self._desired_routes(net), verify=full)
@@ -454,18 +466,45 @@ class Core:
             self.stats.reconciles += 1
             for _op, error in result.failed:
                 self.stats.errors_by_errno[_errno_name(error.errno)] += 1
-            plan = result.plan
-            if plan.waiting:
-                for intent in plan.waiting:
-                    self.log.info("endpoint waiting for a slot", addr=str(intent.address),
-                                  ifname=self._ifname(intent.ifindex), plugin=intent.plugin)
+            self._log_waiting(result.plan.waiting)
             if self.monitor.subscribers:
-                self._publish_waiting(plan.waiting)
+                self._publish_waiting(result.plan.waiting)
             self._first_pass.set()
             self.on_status(self.status_line())
         async with self._pass_done:
             self._passes += 1
             self._pass_done.notify_all()
+
+    def _check_kernel_settings(self) -> None:
+        """Say once when net.mptcp.path_manager or net.mptcp.enabled no longer
+        is what the daemon set at start (the kernel sends no event; someone
+        else changed it): new connections then go to the other path manager,
+        or do not use MPTCP at all. Not fought: the admin may mean it."""
+        seen = {"path_manager": active_path_manager(),
+                "enabled": read_mptcp_sysctl("enabled") or ""}
+        wanted = {"path_manager": self.config.kernel.path_manager, "enabled": "1"}
+        for key, value in seen.items():
+            if value == self._kernel_seen.get(key, value):
+                continue
+            if value != wanted[key]:
+                self.log.warning(f"net.mptcp.{key} was changed by someone else; new "
+                                 "connections are not handled as configured",
+                                 sysctl=f"net.mptcp.{key}", value=value,
+                                 expected=wanted[key])
+            else:
+                self.log.info(f"net.mptcp.{key} is as expected again",
+                              sysctl=f"net.mptcp.{key}", value=value)
+        self._kernel_seen = seen
+
+    def _log_waiting(self, waiting: Sequence[EndpointIntent]) -> None:
+        """Say once when an address starts waiting for a slot, not on every
+        pass (under churn that was thousands of identical lines)."""
+        keys = {intent.key for intent in waiting}
+        for intent in waiting:
+            if intent.key not in self._waiting:
+                self.log.info("endpoint waiting for a slot", addr=str(intent.address),
+                              ifname=self._ifname(intent.ifindex), plugin=intent.plugin)
+        self._waiting = keys
 
     def _desired_routes(self, net: NetworkSnapshot) -> dict[Any, Any]:
         """Source routes for our endpoints (kernel PM), or for every eligible

@@ -22,7 +22,7 @@ from typing import Any
 
 from mptcpd_py import __version__, report
 from mptcpd_py.coexist import peers_in_namespace
-from mptcpd_py.config import Config, load_config, read_raw_daemon_section
+from mptcpd_py.config import Config, load_config, read_raw_daemon_section, usable_path
 from mptcpd_py.control import (
     CONFIG_ERROR,
     FAILED,
@@ -71,6 +71,9 @@ def load_everything(path: str | None) -> tuple[Config, dict[str, Available], lis
     dirs = raw.get("plugin_dirs", ["/etc/mptcpd-py/plugins.d"])
     if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
         dirs = []
+    # Not yet validated: never import from a relative directory (the
+    # current one, say) only to refuse the config a moment later.
+    dirs = [d for d in dirs if usable_path(d)]
     available, problems = discover(dirs)
     config = load_config(path, schemas(available))
     if tuple(config.daemon.plugin_dirs) != tuple(dirs):  # pragma: no cover - defensive

@@ -39,6 +39,10 @@ async def apply_kernel_settings(cfg: KernelConfig, caps: Capabilities, pm: PathM
             raise KernelSettingsError(
                 f"kernel.enable_mptcp: cannot set net.mptcp.enabled=1: {exc.strerror}"
             ) from None
+    if not cfg.enable_mptcp and read_mptcp_sysctl("enabled") == "0":
+        log.warning("MPTCP is disabled in this network namespace (net.mptcp.enabled = 0) "
+                    "and kernel.enable_mptcp = false: endpoints are set up, but no "
+                    "connection uses MPTCP until it is enabled", sysctl="net.mptcp.enabled")
     if cfg.path_manager not in caps.available_path_managers:
         raise KernelSettingsError(
             f"kernel.path_manager: {cfg.path_manager!r} is not available in this kernel "

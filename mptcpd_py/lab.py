@@ -78,6 +78,18 @@ class Netns:
         self.processes.append(proc)
         return proc
 
+    def batch(self, commands: Sequence[str], *, force: bool = True,
+              timeout: float = 60) -> str:
+        """Many ``ip`` commands in one process (``ip -batch``): thousands of
+        netlink events a second. ``force`` goes on past a failing line;
+        returns what ip printed on stderr (one message per failed line)."""
+        args = ["ip", "-n", self.name, *(["-force"] if force else []), "-batch", "-"]
+        proc = subprocess.run(args, input="".join(f"{c}\n" for c in commands),
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        if proc.returncode != 0 and not force:
+            raise LabError(f"ip -batch: {proc.stderr.strip()}")
+        return proc.stderr
+
     def sysctl(self, key: str, value: str | int) -> None:
         self.run("sysctl", "-q", "-w", f"{key}={value}")
 
@@ -204,6 +216,15 @@ def shape(ns: Netns, ifname: str, rate_mbit: float, *, latency_ms: int = 20) -> 
             "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", f"{latency_ms}ms",
         ]
     )
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process (VmRSS), in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise LabError(f"no VmRSS for pid {pid}")
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01,
@@ -338,7 +359,7 @@ class DaemonProcess:
 
     def __init__(self, ns: Netns, workdir: str, config_text: str = "", *,
                  config_path: str | None = None, env: dict[str, str] | None = None,
-                 args: Sequence[str] = ()) -> None:
+                 args: Sequence[str] = (), prefix: Sequence[str] = ()) -> None:
         import sys  # noqa: PLC0415
 
         self.ns = ns
@@ -352,6 +373,8 @@ class DaemonProcess:
         self.notify_path = os.path.join(workdir, "notify.sock")
         self.env = env or {}
         self.args = list(args)
+        # A command the daemon runs under, e.g. setpriv dropping a capability.
+        self.prefix = list(prefix)
         self.python = sys.executable
         self.proc: subprocess.Popen[Any] | None = None
         self.messages: list[str] = []
@@ -372,7 +395,7 @@ class DaemonProcess:
         self._log_file = open(self.log_path, "a")  # noqa: SIM115
         env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, **self.env}
         env.pop("JOURNAL_STREAM", None)
-        cmd = [self.python, "-m", "mptcpd_py", "run", "-c", self.config_path,
+        cmd = [*self.prefix, self.python, "-m", "mptcpd_py", "run", "-c", self.config_path,
                "--log-format", "json", *self.args]
         self.started_at = time.monotonic()
         self.proc = self.ns.popen(cmd, stdout=self._log_file, stderr=self._log_file, env=env,

@@ -12,6 +12,7 @@ backoff instead of in a loop.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mptcpd_py.connections import ConnectionRecord, ConnectionTable
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from mptcpd_py.core import Core
 
 PENDING_TIMEOUT = 10.0
+#: the kernel's extended ack when a connection belongs to the in-kernel PM
+USERSPACE_PM_NOT_SELECTED = "userspace PM not selected"
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 30.0
 
@@ -69,11 +72,13 @@ class UserspacePM:
     def config_changed(self) -> None:
         self.log = self.core.log
 
-    async def resync(self) -> None:
-        """Rebuild the table from sock_diag, then let the plugins act on
-        every established connection as if the network had changed."""
+    async def resync(self, superseded: Sequence[MptcpEvent] = ()) -> None:
+        """Rebuild the table from sock_diag (``superseded``: the events
+        queued before it, see :meth:`ConnectionTable.resync`), then let the
+        plugins act on every established connection as if the network had
+        changed."""
         try:
-            await self.table.resync(self.core.netns)
+            await self.table.resync(self.core.netns, superseded)
         except KernelError as exc:
             self.log.error("connection table resync failed", error=str(exc))
             return
@@ -205,7 +210,7 @@ class UserspacePM:
         pm = self.core.pm
         assert pm is not None
         token = rec.token
-        if token not in self.table.connections:
+        if token not in self.table.connections or rec.kernel_managed:
             return
         publish = self.core.monitor.publish
         try:
@@ -272,6 +277,14 @@ class UserspacePM:
         except KernelError as exc:
             self.actions_failed += 1
             self.core.stats.errors_by_errno[_errno_name(exc.errno)] += 1
+            if USERSPACE_PM_NOT_SELECTED in exc.detail:
+                # Retrying cannot help: say so once and leave it alone.
+                rec.kernel_managed = True
+                self.log.warning("connection is managed by the in-kernel path manager "
+                                 "(it started while net.mptcp.path_manager was not "
+                                 "userspace); leaving it alone", token=token,
+                                 error=str(exc))
+                return
             if action.kind == "create_subflow":
                 assert action.local is not None and action.remote is not None
                 self._note_failure(rec, (action.local, action.remote, action.remote_port))

@@ -398,6 +398,9 @@ class MptcpEvents(EventStream[MptcpEvent]):
             return
         self.push(event)
 
+    def _drain(self) -> None:
+        self.sock.drain()
+
     def close(self) -> None:
         super().close()
         self.sock.close()

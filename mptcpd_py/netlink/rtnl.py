@@ -367,6 +367,9 @@ class RtnlEvents(EventStream[RtnlEvent]):
         if event is not None:
             self.push(event)
 
+    def _drain(self) -> None:
+        self.sock.drain()
+
     def close(self) -> None:
         super().close()
         self.sock.close()

@@ -284,11 +284,23 @@ class NetlinkSocket:
             self._pending.pop(seq, None)
 
     def _on_readable(self) -> None:
+        self._read_some()
+
+    def drain(self, max_datagrams: int = 64 * _MAX_DATAGRAMS_PER_WAKEUP) -> None:
+        """Read, now, everything the kernel holds for this socket (callbacks
+        run as usual). Bounded, in case the kernel keeps sending."""
+        rounds = max(1, max_datagrams // _MAX_DATAGRAMS_PER_WAKEUP)
+        for _ in range(rounds):
+            if self._closed or not self._read_some():
+                return
+
+    def _read_some(self) -> bool:
+        """Up to ``_MAX_DATAGRAMS_PER_WAKEUP`` datagrams; False once empty."""
         for _ in range(_MAX_DATAGRAMS_PER_WAKEUP):
             try:
                 data, (_, groups) = self.sock.recvfrom(_RECV_SIZE)
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     self.overflows += 1
@@ -297,7 +309,7 @@ class NetlinkSocket:
                     continue
                 raise
             if not data:
-                return
+                return False
             if groups:
                 # Multicast. A notification caused by someone's request carries
                 # that request's seq and port, so seq says nothing here.
@@ -307,6 +319,7 @@ class NetlinkSocket:
                 continue
             for message in split_messages(data):
                 self._dispatch(message)
+        return True
 
     def _dispatch(self, message: RawMessage) -> None:
         pending = self._pending.get(message.seq)

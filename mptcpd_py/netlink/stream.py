@@ -57,6 +57,28 @@ class EventStream(Generic[T]):
         self.resyncs += 1
         self._items.append(ResyncNeeded(self.source, reason))
 
+    def take_superseded(self) -> list[T]:
+        """For a consumer about to re-read the kernel after a loss: read what
+        the kernel still holds for this stream, and take every event queued
+        so far off the stream.
+
+        The kernel reports ENOBUFS *before* the messages it had queued
+        before the drop, so those reach the consumer after the
+        ResyncNeeded; applied on top of a fresh dump, they would bring
+        back state the dump no longer has (an address deleted since, a
+        connection closed since). Everything taken here predates the dump
+        the consumer is about to take, which supersedes it (the consumer
+        may still use what no dump shows); events from then on come
+        through the stream as usual."""
+        self._drain()
+        items = [i for i in self._items if not isinstance(i, ResyncNeeded)]
+        self._items.clear()
+        self._lost_reason = ""
+        return items
+
+    def _drain(self) -> None:
+        """Read the source dry (streams backed by a socket override this)."""
+
     def close(self) -> None:
         self._closed = True
         self._wake()

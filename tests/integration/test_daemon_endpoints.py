@@ -188,6 +188,12 @@ def test_more_than_eight_candidates_wait_and_are_promoted(
     ours = sorted(a for a in endpoints(box) if a != "203.0.113.99")
     assert ours == sorted(f"192.0.2.{i}" for i in range(1, 8))
     d.wait_log("endpoint waiting for a slot", addr="192.0.2.11")
+    for _ in range(3):  # more passes: the line is not repeated on each one
+        mark = len(d.messages)
+        d.send(signal.SIGHUP)
+        d.wait_notify("READY=1", 10, after=mark)
+    waiting = [e for e in d.logs() if e["event"] == "endpoint waiting for a slot"]
+    assert sorted(e["addr"] for e in waiting) == sorted(f"192.0.2.{i}" for i in range(8, 12))
     box.ip("mptcp", "endpoint", "delete", "id", "99")  # the admin frees a slot
     box.ip("addr", "del", "192.0.2.3/24", "dev", "eth0")
     d.send(signal.SIGHUP)  # a reload resyncs (the kernel sends no endpoint events)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,124 @@ def test_faulty_plugins_are_contained_and_disabled_while_the_others_go_on(
     wait_for(lambda: "192.0.2.50" in flags(box), what="new endpoint after failures")
     d.send(signal.SIGTERM)
     assert d.proc.wait(timeout=20) == 0
+
+
+MORE_FAULTY = {
+    # Slow but within plugin_timeout: not a failure, and its decision holds.
+    "slow": """
+import time
+from mptcpd_py.plugin import EndpointFlags, Plugin
+class Slow(Plugin):
+    name = "slow"
+    def endpoints(self, net, proposed):
+        time.sleep(0.1)
+        return [p.with_flags(p.flags | EndpointFlags.BACKUP) if str(p.address) == "198.51.100.1"
+                else p for p in proposed]
+""",
+    # Hangs, and its blanket except swallows ordinary exceptions.
+    "swallows": """
+import time
+from mptcpd_py.plugin import Plugin
+class Swallows(Plugin):
+    name = "swallows"
+    def endpoints(self, net, proposed):
+        while True:
+            try:
+                time.sleep(0.01)
+            except Exception:
+                pass
+""",
+    # An async hook that blocks the event loop instead of awaiting.
+    "async_blocks": """
+import time
+from mptcpd_py.plugin import Plugin
+class AsyncBlocks(Plugin):
+    name = "async_blocks"
+    async def endpoints(self, net, proposed):
+        time.sleep(30)
+        return proposed
+""",
+    "async_hangs": """
+import asyncio
+from mptcpd_py.plugin import Plugin
+class AsyncHangs(Plugin):
+    name = "async_hangs"
+    async def endpoints(self, net, proposed):
+        await asyncio.sleep(3600)
+""",
+    "exits": """
+import sys
+from mptcpd_py.plugin import Plugin
+class Exits(Plugin):
+    name = "exits"
+    def endpoints(self, net, proposed):
+        sys.exit(3)
+""",
+    # A different invalid decision on each call.
+    "liar": """
+import ipaddress
+from mptcpd_py.plugin import EndpointFlags, EndpointIntent, Plugin
+class Liar(Plugin):
+    name = "liar"
+    calls = 0
+    def endpoints(self, net, proposed):
+        self.calls += 1
+        real = proposed[0]
+        lies = [
+            [EndpointIntent(ipaddress.ip_address("203.0.113.200"), 0, EndpointFlags.SUBFLOW)],
+            [EndpointIntent(real.address, 999, EndpointFlags.SUBFLOW)],
+            [real.with_flags(EndpointFlags.SIGNAL | EndpointFlags.FULLMESH)],
+            [EndpointIntent(real.address, real.ifindex, EndpointFlags(4096))],
+            [EndpointIntent(real.address, real.ifindex, EndpointFlags.SUBFLOW, port=70000)],
+            None,
+        ]
+        return lies[(self.calls - 1) % len(lies)]
+""",
+    "init_fails": """
+from mptcpd_py.plugin import Plugin
+class InitFails(Plugin):
+    name = "init_fails"
+    def __init__(self, config, log):
+        raise OSError("cannot open /dev/frobnicator")
+""",
+}
+
+
+def test_slow_swallowing_blocking_exiting_and_lying_plugins_are_contained(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    plugdir = tmp_path / "plugins.d"
+    for name, source in MORE_FAULTY.items():
+        write_plugin(plugdir, f"{name}.py", source)
+    faulty = ["swallows", "async_blocks", "async_hangs", "exits", "liar"]
+    cfg = daemon_config(str(tmp_path / "state"),
+                        plugins=["addr_adv", *faulty, "slow", "init_fails"],
+                        plugin_dirs=[str(plugdir)], plugin_timeout=0.3, plugin_max_failures=6,
+                        reconcile_interval=0.3)
+    d = daemons(box, cfg).start(timeout=30)
+    wait_for(lambda: flags(box).get("198.51.100.1") == {"subflow", "backup"}, 10,
+             what="the slow plugin's decision applied")
+    for name in faulty:
+        d.wait_log("plugin disabled", timeout=30, plugin=name)
+    logs = d.logs()
+    failures = [e for e in logs if e["event"] == "plugin failed"]
+    by_plugin: dict[str, list[str]] = {}
+    for e in failures:
+        by_plugin.setdefault(e["plugin"], []).append(e["error"])
+    assert "slow" not in by_plugin
+    for name in ("swallows", "async_blocks", "async_hangs"):
+        assert set(by_plugin[name]) == {"hook endpoints took longer than 0.3s"}, by_plugin[name]
+    assert set(by_plugin["exits"]) == {"hook endpoints raised SystemExit: 3"}
+    lies = " | ".join(by_plugin["liar"])
+    for expected in ("endpoint 203.0.113.200: not an address of this host",
+                     "not on interface index 999", "signal and fullmesh cannot be combined",
+                     "invalid flags", "invalid port 70000", "returned None"):
+        assert expected in lies, lies
+    started = [e["error"] for e in logs if e["event"] == "plugin not started"]
+    assert started == ["plugin init_fails: failed to start: OSError: cannot open "
+                       "/dev/frobnicator"]
+    assert not any("Traceback" in line for line in d.log_text().splitlines())
+    box.ip("addr", "add", "192.0.2.50/24", "dev", "eth0")  # still serving, promptly
+    added = time.monotonic()
+    wait_for(lambda: "192.0.2.50" in flags(box), 2, what="new endpoint after failures")
+    assert time.monotonic() - added < 1.0
+    assert d.stop() == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import subprocess
 
 from mptcpd_py.lab import Lab, Netns, TwoPaths, mptcp_listen
 from mptcpd_py.netlink.mptcp import MptcpEvents
@@ -105,17 +104,23 @@ async def test_mptcp_overflow_becomes_resync_and_stream_goes_on(two_paths: TwoPa
         events.close()
 
 
-async def test_rtnl_overflow_becomes_resync_and_stream_goes_on(lab: Lab) -> None:
+def overflowed_rtnl_events(lab: Lab) -> tuple[Netns, RtnlEvents]:
+    """A namespace with eth0, and its rtnetlink stream after 200 address
+    events hit a 4 KiB buffer nobody was reading."""
     ns = lab.netns("rt")
     ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
     ns.ip("link", "set", "eth0", "up")
     events = RtnlEvents.open(netns=ns.name)
+    events.sock.set_rcvbuf(4096)
+    events.sock.pause_reading()
+    ns.batch([f"address add 203.0.113.{i}/32 dev eth0" for i in range(1, 201)], force=False)
+    events.sock.resume_reading()
+    return ns, events
+
+
+async def test_rtnl_overflow_becomes_resync_and_stream_goes_on(lab: Lab) -> None:
+    ns, events = overflowed_rtnl_events(lab)
     try:
-        events.sock.set_rcvbuf(4096)
-        events.sock.pause_reading()
-        batch = "".join(f"address add 203.0.113.{i}/32 dev eth0\n" for i in range(1, 201))
-        subprocess.run(["ip", "-n", ns.name, "-batch", "-"], input=batch, text=True, check=True)
-        events.sock.resume_reading()
 
         async def until_resync() -> None:
             async for event in events:
@@ -133,5 +138,25 @@ async def test_rtnl_overflow_becomes_resync_and_stream_goes_on(lab: Lab) -> None
             raise AssertionError("stream ended")
         event = await asyncio.wait_for(next_address(), 5)
         assert not event.removed
+    finally:
+        events.close()
+
+
+async def test_events_queued_before_a_resync_are_taken_off_the_stream(lab: Lab) -> None:
+    """The kernel reports ENOBUFS before the messages it had queued: those
+    reach the reader after the ResyncNeeded and predate the dump that
+    follows. take_superseded() reads the socket dry and hands them over,
+    so only events from then on come through the stream."""
+    ns, events = overflowed_rtnl_events(lab)
+    try:
+        first = await asyncio.wait_for(events.__anext__(), 5)
+        assert isinstance(first, ResyncNeeded)
+        superseded = events.take_superseded()
+        assert superseded and all(isinstance(e, AddressEvent) for e in superseded)
+        assert events.get_nowait() is None
+        ns.ip("address", "add", "192.0.2.77/32", "dev", "eth0")
+        after = await asyncio.wait_for(events.__anext__(), 5)
+        assert isinstance(after, AddressEvent)
+        assert str(after.address.address) == "192.0.2.77"
     finally:
         events.close()

@@ -74,3 +74,18 @@ def test_ctl_usage_errors_exit_64(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert info.value.code == 64
     assert "invalid choice: 'restart'" in capsys.readouterr().err
     assert main(["ctl", "--timeout", "0", "status"]) == 64
+
+
+def test_check_config_never_imports_plugins_from_a_relative_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """plugin_dirs is read before the config is validated (plugins bring
+    their schemas): a relative directory must be refused without running
+    what is in it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dropins").mkdir(mode=0o755)
+    marker = tmp_path / "imported"
+    (tmp_path / "dropins" / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[daemon]\nplugin_dirs = ["dropins"]\n')
+    assert main(["check-config", str(cfg)]) == 78
+    assert not marker.exists()

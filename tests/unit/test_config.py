@@ -92,14 +92,21 @@ def test_missing_default_file_means_builtin_defaults() -> None:
         ("[[plugins.addr_adv.interface]]\nmatch = 'eth*'\n[[plugins.addr_adv.interface]]\n"
          "match = 'wlan*'\nflags = 3\n",
          "/etc/x.toml:5: plugins.addr_adv.interface[1].flags: must be a list of strings"),
+        ('[daemon]\nstate_dir = "/run/a\\u0000b"\n',
+         "/etc/x.toml:2: daemon.state_dir: a path cannot contain a NUL character"),
+        ('["\\u001b"]\n', '/etc/x.toml:1: "\\u001b": unknown section'),
+        ('[daemon]\n"a b" = 1\n', '/etc/x.toml:2: daemon."a b": unknown key'),
+        ('[plugins."x\\ny"]\n', '/etc/x.toml:1: plugins."x\\u000ay": unknown plugin'),
         ("[daemon\n", "/etc/x.toml:1: syntax:"),
         ("a = \"x\n", "/etc/x.toml:1: syntax:"),
     ],
 )
 def test_each_problem_is_one_line_naming_file_line_and_key(text: str, expected: str) -> None:
+    """Keys that are not bare TOML keys are quoted and escaped: a newline or
+    an escape sequence in a key can neither split nor garble the line."""
     problems = errors_of(text)
     assert any(p.startswith(expected) for p in problems), problems
-    assert all("\n" not in p for p in problems)
+    assert all(p.isprintable() for p in problems)
 
 
 def test_all_problems_are_reported_not_only_the_first() -> None:

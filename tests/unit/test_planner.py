@@ -347,3 +347,20 @@ async def test_records_missing_after_a_restart_are_forgotten_without_blame(tmp_p
         assert not [line for line in log.lines if line[0] in ("warning", "error")], log.lines
         await rec.remove_all()
         store.close()
+
+
+async def test_records_left_by_a_killed_run_are_forgotten_quietly_at_start(rig, tmp_path) -> None:
+    """An add journaled but never made (killed in between) is not someone
+    else's deletion: no warning, and it does not count towards contesting."""
+    kernel, _rec, store, _ = rig
+    store.put_endpoint(OwnedEndpoint(5, A("192.0.2.9"), 0, F.SUBFLOW, 0))  # then killed
+    store2 = StateStore(str(tmp_path))
+    store2.load()
+    log = Log()
+    again = EndpointReconciler(kernel, store2, log)
+    await again.reconcile([want("192.0.2.9")], full=True)
+    assert [str(e.address) for e in kernel.eps.values()] == ["192.0.2.9"]
+    assert [(level, event) for level, event, _ in log.lines if "forgetting" in event
+            or "someone else" in event] == [("info", "owned endpoint not in the kernel; "
+                                             "forgetting it")]
+    assert again.contested() == frozenset()
