@@ -192,10 +192,19 @@ class ConnectionTable:
         old = self.connections
         fresh: dict[int, ConnectionRecord] = {}
         for token, subs in by_token.items():
-            initial = next((s for s in subs if s.local_id == 0 and s.remote_id == 0), subs[0])
-            rec = old.get(token) or ConnectionRecord(
-                token, initial.local, initial.local_port, initial.remote, initial.remote_port,
-                server_side=initial.local_port in listener_ports)
+            rec = old.get(token)
+            if rec is None:
+                # The initial subflow may be gone: another stands in for the
+                # connection's addresses, and every address keeps the id the
+                # kernel reports (the stand-in must not be taken for id 0).
+                initial = next((s for s in subs if s.local_id == 0 and s.remote_id == 0),
+                               subs[0])
+                rec = ConnectionRecord(
+                    token, initial.local, initial.local_port, initial.remote,
+                    initial.remote_port, server_side=initial.local_port in listener_ports,
+                    local_ids={s.local: s.local_id for s in subs},
+                    remotes={s.remote_id: RemoteAddress(s.remote_id, s.remote, s.remote_port)
+                             for s in subs})
             rec.established = True
             rec.subflows = {}
             for s in subs:

@@ -75,3 +75,20 @@ def test_events_and_a_sock_diag_rebuild_agree_on_the_subflows() -> None:
         DiagSubflow(TOKEN, A("198.51.100.1"), 50000, A("192.0.2.2"), 443, 1, 0, False, 0),
     ], set())
     assert four_tuples(from_events) == four_tuples(rebuilt) == {INITIAL, JOINED}
+
+
+def test_a_rebuild_without_the_initial_subflow_keeps_the_kernels_ids() -> None:
+    """A connection first seen in a sock_diag rebuild after its initial
+    subflow died: its addresses keep the ids the kernel reports (giving one
+    of them id 0 would make later ANNOUNCEs and SUBFLOW_CREATEs use 0)."""
+    table = ConnectionTable()
+    table.rebuild([
+        DiagSubflow(TOKEN, A("198.51.100.1"), 50000, A("192.0.2.2"), 443, 5, 0, False, 3),
+        DiagSubflow(TOKEN, A("203.0.113.1"), 50001, A("198.51.100.2"), 443, 6, 2, True, 4),
+    ], listener_ports=set())
+    rec = table.get(TOKEN)
+    assert rec is not None
+    assert rec.local_ids == {A("198.51.100.1"): 5, A("203.0.113.1"): 6}
+    assert rec.local_id(A("192.0.2.9")) not in (0, 5, 6)
+    assert {r.id: (str(r.address), r.port) for r in rec.remotes.values()} == {
+        0: ("192.0.2.2", 443), 2: ("198.51.100.2", 443)}
