@@ -152,7 +152,8 @@ class Core:
         self.heartbeat: Callable[[], None] = lambda: None
         self.on_status: Callable[[str], None] = lambda text: None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._wakeup = asyncio.Event()
+        self._wakeup = asyncio.Event()  # a pass is requested
+        self._kick = asyncio.Event()  # ... and the reconcile loop should run it
         self._full_requested = False
         self._reasons: list[str] = []
         self._pass_lock = asyncio.Lock()
@@ -274,9 +275,11 @@ class Core:
                 self.stats.events[_rtnl_kind(event)] += 1
                 if self.model.apply(event):
                     self._publish_rtnl(event)
-                    self.request_reconcile(_describe(event))
-                # Nothing else queued and no pass running: reconcile right here
-                # (a burst still coalesces: it is queued by then).
+                    # Nothing else queued and no pass running: reconcile right
+                    # here, without waking the reconcile loop for nothing (a
+                    # burst still coalesces: it is queued by then).
+                    inline = not len(self.rtnl_events) and not self._pass_lock.locked()
+                    self.request_reconcile(_describe(event), kick=not inline)
                 if self._wakeup.is_set() and not len(self.rtnl_events) and \
                         not self._pass_lock.locked():
                     await self._run_requested_pass()
@@ -339,12 +342,15 @@ class Core:
                                  dst=str(event.route.dst), gateway=str(event.route.gateway),
                                  ifname=self._ifname(event.route.oif))
 
-    def request_reconcile(self, reason: str, full: bool = False) -> None:
+    def request_reconcile(self, reason: str, full: bool = False, *, kick: bool = True) -> None:
+        """Ask for a pass; ``kick=False`` when the caller runs it right away."""
         if not self._wakeup.is_set():
             self._dirty_since = time.perf_counter()
         self._reasons.append(reason)
         self._full_requested |= full
         self._wakeup.set()
+        if kick:
+            self._kick.set()
 
     async def reconcile_now(self, reason: str, full: bool = True) -> None:
         """Request a pass and wait until one that includes it has finished."""
@@ -361,7 +367,8 @@ class Core:
             if self.watchdog_interval:
                 timeout = min(timeout, self.watchdog_interval)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), max(timeout, 0.0))
+                await asyncio.wait_for(self._kick.wait(), max(timeout, 0.0))
+            self._kick.clear()
             self.heartbeat()
             if time.monotonic() >= next_full:
                 self.request_reconcile("periodic resync", full=True)
