@@ -302,7 +302,10 @@ class EndpointReconciler:
             if not surprised:
                 break
             await self.resync()
-        self.store.flush()
+        if full:
+            self.store.flush()
+        else:
+            self.store.checkpoint()
         return result
 
     def _forget(self, gone: Iterable[OwnedEndpoint], result: PassResult) -> None:

@@ -3,13 +3,15 @@ touches what it did not create, and so that a restart after a crash adopts
 its leftovers instead of duplicating them.
 
 Two files in ``state_dir`` (tmpfs /run by default): ``state.json``, a
-snapshot written atomically (temp file + rename) at the end of each
-reconcile pass, and ``state.journal``, one line appended *before* each
-endpoint is added (and after each removal), which costs one write(2) on
-the add path instead of a whole snapshot. A crash between the journal line
-and the kernel's reply leaves a record for an endpoint that may or may not
-exist; the next start replays the journal and resolves it by comparing id
-and address with a dump. A torn last line is ignored.
+snapshot written atomically (temp file + rename), and ``state.journal``,
+one line appended *before* each endpoint is added (and after each
+removal), which costs one write(2) on the add path instead of a whole
+snapshot. The snapshot is rewritten after full passes, at exit, and once
+the journal has grown to ``JOURNAL_LIMIT`` lines; in between the journal
+is what makes a change durable. A crash between the journal line and the
+kernel's reply leaves a record for an endpoint that may or may not exist;
+the next start replays the journal and resolves it by comparing id and
+address with a dump. A torn last line is ignored.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 from mptcpd_py.netlink.types import Address, EndpointFlags, parse_address
 
 STATE_VERSION = 1
+JOURNAL_LIMIT = 64  # journal lines before checkpoint() folds them into the snapshot
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # one encoder, not one per line
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,7 @@ class StateStore:
         self.state = State()
         self.problem = ""
         self.dirty = False
+        self.journal_lines = 0
         self._journal_fd: int | None = None
 
     def load(self) -> State:
@@ -150,17 +155,19 @@ class StateStore:
                 state.endpoints.pop(record.key, None)
             if entry.get("next_id"):
                 state.next_id = int(entry["next_id"])
+            self.journal_lines += 1
         self.dirty = True
 
     def _journal(self, op: str, record: OwnedEndpoint) -> None:
-        line = json.dumps({"op": op, "ep": record.to_json(), "next_id": self.state.next_id},
-                          separators=(",", ":")).encode() + b"\n"
+        line = _COMPACT.encode({"op": op, "ep": record.to_json(),
+                                "next_id": self.state.next_id}).encode() + b"\n"
         if self._journal_fd is None:
             os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
             self._journal_fd = os.open(self.journal_path,
                                        os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                                        0o644)
         os.write(self._journal_fd, line)
+        self.journal_lines += 1
         self.dirty = True
 
     def put_endpoint(self, record: OwnedEndpoint) -> None:
@@ -177,6 +184,13 @@ class StateStore:
         if self.dirty:
             self.save()
 
+    def checkpoint(self) -> None:
+        """After an ordinary pass: the journal already made each change
+        durable, so the snapshot waits until the journal is long (a snapshot
+        per address change cost more than the change itself)."""
+        if self.dirty and self.journal_lines >= JOURNAL_LIMIT:
+            self.save()
+
     def save(self) -> None:
         """Write atomically: a temp file next to it, then rename (this sits
         on the add path, so it is kept to a few syscalls)."""
@@ -190,7 +204,7 @@ class StateStore:
             "saved_limits": s.saved_limits,
             "saved_sysctls": s.saved_sysctls,
         }
-        payload = json.dumps(data, separators=(",", ":")).encode()
+        payload = _COMPACT.encode(data).encode()
         tmp = self.path + ".tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -208,6 +222,7 @@ class StateStore:
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.truncate(self.journal_path, 0)
+        self.journal_lines = 0
         self.dirty = False
 
     def remove(self) -> None:

@@ -25,6 +25,7 @@ import pytest
 from mptcpd_py.control import encode_request
 from mptcpd_py.lab import DaemonProcess, Lab, daemon_config, run_ctl, wait_for
 from mptcpd_py.netns import in_netns
+from mptcpd_py.state import StateStore
 
 ADMIN_ENDPOINT = "203.0.113.99"
 COMMANDS = ("status", "endpoints", "connections", "plugins", "limits", "metrics")
@@ -117,7 +118,7 @@ class Target:
         self.ns.ip("mptcp", "endpoint", "add", ADMIN_ENDPOINT, "id", "99", "signal")
         state_dir = str(tmp_path / "state")
         self.socket = os.path.join(state_dir, "control")
-        self.state_file = Path(state_dir) / "state.json"
+        self.state_dir = state_dir
         self.daemon: DaemonProcess = daemons(self.ns, daemon_config(
             state_dir, reconcile_interval=3600,
             extra="[kernel.limits]\nsubflows = 3\nadd_addr_accepted = 1\n"))
@@ -131,7 +132,10 @@ class Target:
             "limits": self.ns.ip("mptcp", "limits", "show"),
             "rules": self.ns.ip("rule", "show"),
             "routes": self.ns.ip("route", "show", "table", "all"),
-            "owned": json.loads(self.state_file.read_text())["endpoints"],
+            # What the daemon owns: the snapshot plus its journal, as a restart reads it.
+            "owned": sorted((e.to_json() for e in
+                             StateStore(self.state_dir).load().endpoints.values()),
+                            key=lambda e: e["id"]),
             "status": {k: status[k] for k in ("pid", "counts", "plugins", "limits", "config",
                                               "reconciles", "resyncs", "kernel_errors",
                                               "plugin_failures", "last_error", "events")},

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 
 from mptcpd_py.netlink.types import EndpointFlags
-from mptcpd_py.state import OwnedEndpoint, StateStore
+from mptcpd_py.state import JOURNAL_LIMIT, OwnedEndpoint, StateStore
 
 A = ipaddress.ip_address
 
@@ -46,3 +46,17 @@ def test_snapshot_empties_the_journal_and_a_corrupt_snapshot_is_set_aside(
     assert fresh.load().endpoints == {}
     assert "unreadable state" in fresh.problem
     assert (tmp_path / "state.json.corrupt").exists()
+
+
+def test_checkpoint_leaves_a_short_journal_alone_and_folds_a_long_one(tmp_path: Path) -> None:
+    store = StateStore(str(tmp_path))
+    store.put_endpoint(rec(1, "192.0.2.1"))
+    store.checkpoint()  # one journal line: durable as it is, no snapshot
+    assert not Path(store.path).exists()
+    assert [e.id for e in StateStore(str(tmp_path)).load().endpoints.values()] == [1]
+    for i in range(2, JOURNAL_LIMIT + 1):
+        store.put_endpoint(rec(i, f"198.51.100.{i}"))
+    store.checkpoint()
+    assert Path(store.path).exists()
+    assert Path(store.journal_path).read_bytes() == b""
+    assert len(StateStore(str(tmp_path)).load().endpoints) == JOURNAL_LIMIT
