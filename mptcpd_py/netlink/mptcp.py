@@ -116,7 +116,8 @@ class MptcpPM:
         payload = c.genl_payload(cmd, m.MPTCP_PM_VERSION, *attrs)
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
         replies = await self.sock.request_bytes(payload, self.family_id, flags,
-                                                m.COMMAND_NAMES[cmd], slow=slow)
+                                                m.COMMAND_NAMES[cmd], slow=slow,
+                                                immediate=cmd in _PER_CONNECTION)
         return [c.genl_attrs(r.data)[1] for r in replies if r.type == self.family_id]
 
     # ------------------------------------------------------------ endpoints
@@ -267,6 +268,10 @@ class MptcpPM:
             c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=remote_port),
         )
 
+
+# The userspace-PM commands, sent per connection (in bursts, one after another).
+_PER_CONNECTION = frozenset((m.CMD_ANNOUNCE, m.CMD_REMOVE, m.CMD_SUBFLOW_CREATE,
+                             m.CMD_SUBFLOW_DESTROY))
 
 # ----------------------------------------------------------------- events
 

@@ -242,17 +242,18 @@ class NetlinkSocket:
 
     async def request_bytes(
         self, payload: bytes, msg_type: int, flags: int, command: str = "", *,
-        slow: bool = False,
+        slow: bool = False, immediate: bool = False,
     ) -> list[RawMessage]:
         """Like :meth:`request` for a payload already encoded (everything
-        after the netlink header)."""
+        after the netlink header). ``immediate``: read the answer right after
+        sending (see :meth:`_request`)."""
         if flags & NLM_F_DUMP == NLM_F_DUMP:
             async with self._dump_lock:
                 return await self._request(payload, msg_type, flags, command, slow)
-        return await self._request(payload, msg_type, flags, command, slow)
+        return await self._request(payload, msg_type, flags, command, slow, immediate=immediate)
 
     async def _request(self, msg: Any, msg_type: int, flags: int, command: str,
-                       slow: bool = False) -> list[RawMessage]:
+                       slow: bool = False, *, immediate: bool = False) -> list[RawMessage]:
         if self._closed:
             raise NetlinkError("netlink socket closed")
         self.start()
@@ -278,6 +279,13 @@ class NetlinkSocket:
         except OSError as exc:
             del self._pending[seq]
             raise NetlinkError(f"{command or 'netlink'}: send failed: {exc.strerror}") from exc
+        if immediate and not slow:
+            # The kernel runs a request inside sendmsg(2): its answer is
+            # queued by now. Reading it here saves a trip through the event
+            # loop per request, and the await below does not suspend: for
+            # the per-connection commands of a burst. (Opt-in: other paths,
+            # a reload's, let pending signals run while they wait.)
+            self._on_readable()
         try:
             return await future
         finally:
