@@ -37,6 +37,8 @@ def _wait(pm: MptcpPm, address: Address, present: bool) -> bool:
     while (address in pm.endpoint_addresses()) != present:
         if time.perf_counter() > deadline:
             return False
+        # Let a daemon woken onto this CPU run now rather than after our slice.
+        os.sched_yield()
     return True
 
 

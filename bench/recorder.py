@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
         counters = mmap.mmap(f.fileno(), COUNTERS.size)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    events: list[tuple[int, int, int, bytes, int]] = []
+    received: list[tuple[int, bytes]] = []
     established = extra_subflows = closed = overflows = 0
     print("ready", flush=True)
     while not stop:
@@ -56,26 +56,32 @@ def main(argv: list[str]) -> int:
             overflows += 1
             print(f"recorder: {exc}", file=sys.stderr, flush=True)
             continue
-        now = time.monotonic_ns()
-        for message in split_messages(data):
-            if message.type != family:
-                continue
-            cmd, attrs = c.genl_attrs(message.data)
-            token = c.as_u32(attrs.get(c.EV_TOKEN))
-            saddr = attrs.get(c.EV_SADDR4) or attrs.get(c.EV_SADDR6) or b""
-            events.append((now, cmd, token, saddr, c.as_be16(attrs.get(c.EV_SPORT))))
-            if cmd == ESTABLISHED:
-                established += 1
-            elif cmd == SUB_ESTABLISHED and saddr == extra_packed:
-                extra_subflows += 1
-            elif cmd == CLOSED:
-                closed += 1
+        # As little as possible here (this process shares the CPUs with the
+        # daemon): keep the bytes, decode at the end. A multicast datagram
+        # holds one event; its command is the byte after the netlink header.
+        received.append((time.monotonic_ns(), data))
+        cmd = data[16] if len(data) > 16 else 0
+        if cmd == ESTABLISHED:
+            established += 1
+        elif cmd == SUB_ESTABLISHED and extra_packed in data and \
+                c.genl_attrs(data)[1].get(c.EV_SADDR4) == extra_packed:
+            extra_subflows += 1
+        elif cmd == CLOSED:
+            closed += 1
+        else:
+            continue
         counters[:] = COUNTERS.pack(established, extra_subflows, closed)
     with open(out_path, "w") as f:
         f.write(json.dumps({"overflows": overflows}) + "\n")
-        for t, cmd, token, saddr, sport in events:
-            address = str(ipaddress.ip_address(saddr)) if saddr else ""
-            f.write(json.dumps([t, cmd, token, address, sport]) + "\n")
+        for t, data in received:
+            for message in split_messages(data):
+                if message.type != family:
+                    continue
+                cmd, attrs = c.genl_attrs(message.data)
+                saddr = attrs.get(c.EV_SADDR4) or attrs.get(c.EV_SADDR6) or b""
+                address = str(ipaddress.ip_address(saddr)) if saddr else ""
+                f.write(json.dumps([t, cmd, c.as_u32(attrs.get(c.EV_TOKEN)), address,
+                                    c.as_be16(attrs.get(c.EV_SPORT))]) + "\n")
     return 0
 
 
