@@ -17,7 +17,6 @@ import socket
 import struct
 
 from mptcpd_py.netlink import codec as c
-from mptcpd_py.netlink import messages as m
 from mptcpd_py.netlink.socket import (
     NETLINK_GENERIC,
     NETLINK_ROUTE,
@@ -33,12 +32,6 @@ from mptcpd_py.netns import in_netns
 
 _HEADER = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")
-GENL_ID_CTRL = 0x10
-CTRL_CMD_GETFAMILY = 3
-CTRL_ATTR_FAMILY_ID = 1
-CTRL_ATTR_FAMILY_NAME = 2
-CTRL_ATTR_MCAST_GROUPS = 7
-CTRL_ATTR_MCAST_GRP_NAME, CTRL_ATTR_MCAST_GRP_ID = 1, 2
 RTM_NEWADDR, RTM_DELADDR = 20, 21
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 IFA_F_NODAD = 0x02
@@ -94,17 +87,8 @@ class Netlink:
 
 def resolve_family(nl: Netlink, name: str) -> tuple[int, dict[str, int]]:
     """(family id, {multicast group name: id})."""
-    payload = c.genl_payload(CTRL_CMD_GETFAMILY, 1, c.nla(CTRL_ATTR_FAMILY_NAME,
-                                                          name.encode() + b"\0"))
-    (reply,) = nl.request(GENL_ID_CTRL, NLM_F_REQUEST | NLM_F_ACK, payload)
-    _cmd, attrs = c.genl_attrs(reply)
-    groups = {}
-    nested = attrs.get(CTRL_ATTR_MCAST_GROUPS, b"")
-    for raw in c.parse_attrs(nested).values():
-        group = c.parse_attrs(raw)
-        name_raw = group.get(CTRL_ATTR_MCAST_GRP_NAME, b"").split(b"\0", 1)[0]
-        groups[name_raw.decode()] = c.as_u32(group.get(CTRL_ATTR_MCAST_GRP_ID))
-    return c.as_u16(attrs[CTRL_ATTR_FAMILY_ID]), groups
+    (reply,) = nl.request(c.GENL_ID_CTRL, NLM_F_REQUEST | NLM_F_ACK, c.get_family_payload(name))
+    return c.decode_family(reply)
 
 
 class MptcpPm:
@@ -119,13 +103,13 @@ class MptcpPm:
 
     def _call(self, cmd: int, *attrs: bytes, dump: bool = False) -> list[bytes]:
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
-        return self.nl.request(self.family, flags, c.genl_payload(cmd, m.MPTCP_PM_VERSION,
+        return self.nl.request(self.family, flags, c.genl_payload(cmd, c.MPTCP_PM_VERSION,
                                                                   *attrs))
 
     def endpoint_addresses(self) -> set[Address]:
         """One GET_ADDR dump: the addresses of every endpoint."""
         out = set()
-        for reply in self._call(m.CMD_GET_ADDR, dump=True):
+        for reply in self._call(c.CMD_GET_ADDR, dump=True):
             raw = c.genl_attrs(reply)[1].get(c.ATTR_ADDR)
             if raw is not None:
                 address = c.decode_address_attr(raw)["address"]
@@ -135,24 +119,24 @@ class MptcpPm:
 
     def endpoints(self) -> list[dict[str, object]]:
         out = []
-        for reply in self._call(m.CMD_GET_ADDR, dump=True):
+        for reply in self._call(c.CMD_GET_ADDR, dump=True):
             raw = c.genl_attrs(reply)[1].get(c.ATTR_ADDR)
             if raw is not None:
                 out.append(c.decode_address_attr(raw))
         return out
 
     def add(self, address: Address, id: int, flags: int, ifindex: int = 0) -> None:
-        self._call(m.CMD_ADD_ADDR, c.address_attr(c.ATTR_ADDR, address, id=id, flags=flags,
+        self._call(c.CMD_ADD_ADDR, c.address_attr(c.ATTR_ADDR, address, id=id, flags=flags,
                                                   ifindex=ifindex))
 
     def delete(self, id: int) -> None:
-        self._call(m.CMD_DEL_ADDR, c.address_attr(c.ATTR_ADDR, id=id))
+        self._call(c.CMD_DEL_ADDR, c.address_attr(c.ATTR_ADDR, id=id))
 
     def flush(self) -> None:
-        self._call(m.CMD_FLUSH_ADDRS, c.address_attr(c.ATTR_ADDR))
+        self._call(c.CMD_FLUSH_ADDRS, c.address_attr(c.ATTR_ADDR))
 
     def set_limits(self, subflows: int, add_addr_accepted: int) -> None:
-        self._call(m.CMD_SET_LIMITS, c.u32(c.ATTR_RCV_ADD_ADDRS, add_addr_accepted),
+        self._call(c.CMD_SET_LIMITS, c.u32(c.ATTR_RCV_ADD_ADDRS, add_addr_accepted),
                    c.u32(c.ATTR_SUBFLOWS, subflows))
 
 

@@ -25,6 +25,43 @@ _S32 = struct.Struct("=i")
 _U16 = struct.Struct("=H")
 _BE16 = struct.Struct("!H")
 
+# MPTCP_PM_CMD_*
+CMD_ADD_ADDR = 1
+CMD_DEL_ADDR = 2
+CMD_GET_ADDR = 3
+CMD_FLUSH_ADDRS = 4
+CMD_SET_LIMITS = 5
+CMD_GET_LIMITS = 6
+CMD_SET_FLAGS = 7
+CMD_ANNOUNCE = 8
+CMD_REMOVE = 9
+CMD_SUBFLOW_CREATE = 10
+CMD_SUBFLOW_DESTROY = 11
+
+COMMAND_NAMES = {
+    CMD_ADD_ADDR: "add endpoint",
+    CMD_DEL_ADDR: "delete endpoint",
+    CMD_GET_ADDR: "get endpoint",
+    CMD_FLUSH_ADDRS: "flush endpoints",
+    CMD_SET_LIMITS: "set limits",
+    CMD_GET_LIMITS: "get limits",
+    CMD_SET_FLAGS: "set flags",
+    CMD_ANNOUNCE: "announce",
+    CMD_REMOVE: "remove",
+    CMD_SUBFLOW_CREATE: "create subflow",
+    CMD_SUBFLOW_DESTROY: "destroy subflow",
+}
+
+MPTCP_PM_VERSION = 1
+GROUP_EVENTS = "mptcp_pm_events"
+GROUP_CMDS = "mptcp_pm_cmds"
+
+# The generic netlink controller (family resolution)
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME, CTRL_ATTR_MCAST_GROUPS = 1, 2, 7
+CTRL_ATTR_MCAST_GRP_NAME, CTRL_ATTR_MCAST_GRP_ID = 1, 2
+
 # MPTCP_PM_ATTR_*
 ATTR_ADDR, ATTR_RCV_ADD_ADDRS, ATTR_SUBFLOWS, ATTR_TOKEN, ATTR_LOC_ID, ATTR_ADDR_REMOTE = \
     1, 2, 3, 4, 5, 6
@@ -108,6 +145,22 @@ def genl_attrs(message: bytes) -> tuple[int, dict[int, bytes]]:
     """(cmd, attributes) of a whole generic netlink message."""
     cmd = message[16]
     return cmd, parse_attrs(message, 20)
+
+
+def get_family_payload(name: str) -> bytes:
+    """CTRL_CMD_GETFAMILY for a family name."""
+    return genl_payload(CTRL_CMD_GETFAMILY, 1, nla(CTRL_ATTR_FAMILY_NAME, name.encode() + b"\0"))
+
+
+def decode_family(message: bytes) -> tuple[int, dict[str, int]]:
+    """(family id, {multicast group name: id}) of a CTRL_CMD_NEWFAMILY reply."""
+    _cmd, attrs = genl_attrs(message)
+    groups = {}
+    for raw in parse_attrs(attrs.get(CTRL_ATTR_MCAST_GROUPS, b"")).values():
+        group = parse_attrs(raw)
+        name = group.get(CTRL_ATTR_MCAST_GRP_NAME, b"").split(b"\0", 1)[0]
+        groups[name.decode("utf-8", "replace")] = as_u32(group.get(CTRL_ATTR_MCAST_GRP_ID))
+    return as_u16(attrs.get(CTRL_ATTR_FAMILY_ID)), groups
 
 
 def as_u8(raw: bytes | None, default: int = 0) -> int:

@@ -15,36 +15,24 @@ from pyroute2.netlink import genlmsg, nla
 
 NLA_F_NESTED = 0x8000
 
-# MPTCP_PM_CMD_*
-CMD_ADD_ADDR = 1
-CMD_DEL_ADDR = 2
-CMD_GET_ADDR = 3
-CMD_FLUSH_ADDRS = 4
-CMD_SET_LIMITS = 5
-CMD_GET_LIMITS = 6
-CMD_SET_FLAGS = 7
-CMD_ANNOUNCE = 8
-CMD_REMOVE = 9
-CMD_SUBFLOW_CREATE = 10
-CMD_SUBFLOW_DESTROY = 11
-
-COMMAND_NAMES = {
-    CMD_ADD_ADDR: "add endpoint",
-    CMD_DEL_ADDR: "delete endpoint",
-    CMD_GET_ADDR: "get endpoint",
-    CMD_FLUSH_ADDRS: "flush endpoints",
-    CMD_SET_LIMITS: "set limits",
-    CMD_GET_LIMITS: "get limits",
-    CMD_SET_FLAGS: "set flags",
-    CMD_ANNOUNCE: "announce",
-    CMD_REMOVE: "remove",
-    CMD_SUBFLOW_CREATE: "create subflow",
-    CMD_SUBFLOW_DESTROY: "destroy subflow",
-}
-
-MPTCP_PM_VERSION = 1
-GROUP_EVENTS = "mptcp_pm_events"
-GROUP_CMDS = "mptcp_pm_cmds"
+# The constants live in the codec (the daemon must not import pyroute2 for them).
+from mptcpd_py.netlink.codec import (  # noqa: E402,F401  (re-exported)
+    CMD_ADD_ADDR,
+    CMD_ANNOUNCE,
+    CMD_DEL_ADDR,
+    CMD_FLUSH_ADDRS,
+    CMD_GET_ADDR,
+    CMD_GET_LIMITS,
+    CMD_REMOVE,
+    CMD_SET_FLAGS,
+    CMD_SET_LIMITS,
+    CMD_SUBFLOW_CREATE,
+    CMD_SUBFLOW_DESTROY,
+    COMMAND_NAMES,
+    GROUP_CMDS,
+    GROUP_EVENTS,
+    MPTCP_PM_VERSION,
+)
 
 
 class mptcp_pm_msg(genlmsg):

@@ -13,11 +13,8 @@ from __future__ import annotations
 import errno
 import socket
 
-from pyroute2.netlink import ctrlmsg
-
 from mptcpd_py.errors import FamilyMissing, KernelError, NoSuchEndpoint, PermissionDenied
 from mptcpd_py.netlink import codec as c
-from mptcpd_py.netlink import messages as m
 from mptcpd_py.netlink.socket import (
     NETLINK_GENERIC,
     NLM_F_ACK,
@@ -45,20 +42,13 @@ from mptcpd_py.netlink.types import (
     parse_address,
 )
 
-GENL_ID_CTRL = 0x10
-CTRL_CMD_GETFAMILY = 3
-
 
 async def resolve_family(sock: NetlinkSocket, name: str) -> tuple[int, dict[str, int]]:
     """(family id, {multicast group name: id}) of a generic netlink family."""
-    msg = ctrlmsg()
-    msg["cmd"] = CTRL_CMD_GETFAMILY
-    msg["version"] = 1
-    msg["attrs"] = [("CTRL_ATTR_FAMILY_NAME", name)]
     try:
-        replies = await sock.request(
-            msg, GENL_ID_CTRL, NLM_F_REQUEST | NLM_F_ACK, f"resolve {name}"
-        )
+        replies = await sock.request_bytes(
+            c.get_family_payload(name), c.GENL_ID_CTRL, NLM_F_REQUEST | NLM_F_ACK,
+            f"resolve {name}")
     except KernelError as exc:
         if exc.errno == errno.ENOENT:
             raise FamilyMissing(
@@ -66,14 +56,7 @@ async def resolve_family(sock: NetlinkSocket, name: str) -> tuple[int, dict[str,
                 "(CONFIG_MPTCP) or the module is not loaded"
             ) from None
         raise
-    reply = ctrlmsg(replies[0].data)
-    reply.decode()
-    groups: dict[str, int] = {}
-    for group in reply.get_attr("CTRL_ATTR_MCAST_GROUPS") or []:
-        groups[group.get_attr("CTRL_ATTR_MCAST_GRP_NAME")] = group.get_attr(
-            "CTRL_ATTR_MCAST_GRP_ID"
-        )
-    return int(reply.get_attr("CTRL_ATTR_FAMILY_ID")), groups
+    return c.decode_family(replies[0].data)
 
 
 def _endpoint_from(raw: bytes) -> Endpoint:
@@ -113,10 +96,10 @@ class MptcpPM:
 
     async def _call(self, cmd: int, *attrs: bytes, dump: bool = False, slow: bool = False
                     ) -> list[dict[int, bytes]]:
-        payload = c.genl_payload(cmd, m.MPTCP_PM_VERSION, *attrs)
+        payload = c.genl_payload(cmd, c.MPTCP_PM_VERSION, *attrs)
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
         replies = await self.sock.request_bytes(payload, self.family_id, flags,
-                                                m.COMMAND_NAMES[cmd], slow=slow,
+                                                c.COMMAND_NAMES[cmd], slow=slow,
                                                 immediate=cmd in _PER_CONNECTION)
         return [c.genl_attrs(r.data)[1] for r in replies if r.type == self.family_id]
 
@@ -133,7 +116,7 @@ class MptcpPM:
     ) -> Endpoint:
         """Add an in-kernel PM endpoint; with ``id=0`` the kernel picks one
         and a dump finds out which."""
-        await self._call(m.CMD_ADD_ADDR, c.address_attr(
+        await self._call(c.CMD_ADD_ADDR, c.address_attr(
             c.ATTR_ADDR, address, id=id or None, flags=flags, ifindex=ifindex, port=port))
         if id:
             return Endpoint(id, address, EndpointFlags(flags), ifindex, port)
@@ -146,14 +129,14 @@ class MptcpPM:
         """Delete by id (the kernel ignores the address for a non-zero id;
         id 0 with an address means the initial subflow's address). The
         kernel waits for an RCU grace period here: sent from a thread."""
-        await self._call(m.CMD_DEL_ADDR, c.address_attr(c.ATTR_ADDR, address, id=id),
+        await self._call(c.CMD_DEL_ADDR, c.address_attr(c.ATTR_ADDR, address, id=id),
                          slow=True)
 
     async def get_endpoint(self, id: int, token: int | None = None) -> Endpoint:
         attrs = [c.address_attr(c.ATTR_ADDR, id=id)]
         if token is not None:
             attrs.append(c.u32(c.ATTR_TOKEN, token))
-        replies = await self._call(m.CMD_GET_ADDR, *attrs)
+        replies = await self._call(c.CMD_GET_ADDR, *attrs)
         if not replies or c.ATTR_ADDR not in replies[0]:
             raise NoSuchEndpoint(errno.ENOENT, f"id {id}", "get endpoint")
         return _endpoint_from(replies[0][c.ATTR_ADDR])
@@ -161,13 +144,13 @@ class MptcpPM:
     async def endpoints(self, token: int | None = None) -> list[Endpoint]:
         """All in-kernel endpoints, or a userspace-PM connection's local addresses."""
         attrs = [] if token is None else [c.u32(c.ATTR_TOKEN, token)]
-        replies = await self._call(m.CMD_GET_ADDR, *attrs, dump=True)
+        replies = await self._call(c.CMD_GET_ADDR, *attrs, dump=True)
         return [_endpoint_from(r[c.ATTR_ADDR]) for r in replies if c.ATTR_ADDR in r]
 
     async def flush_endpoints(self) -> None:
         """Remove every endpoint. The kernel also resets add_addr_accepted to
         0 here (mptcp_net-next#579): the daemon deletes one by one instead."""
-        await self._call(m.CMD_FLUSH_ADDRS, c.address_attr(c.ATTR_ADDR), slow=True)
+        await self._call(c.CMD_FLUSH_ADDRS, c.address_attr(c.ATTR_ADDR), slow=True)
 
     async def set_endpoint_flags(
         self,
@@ -177,13 +160,13 @@ class MptcpPM:
         address: Address | None = None,
     ) -> None:
         """Change backup / fullmesh of an in-kernel endpoint (by id or address)."""
-        await self._call(m.CMD_SET_FLAGS,
+        await self._call(c.CMD_SET_FLAGS,
                          c.address_attr(c.ATTR_ADDR, address, id=id, flags=flags))
 
     # ------------------------------------------------------------ limits
 
     async def get_limits(self) -> Limits:
-        (reply,) = await self._call(m.CMD_GET_LIMITS)
+        (reply,) = await self._call(c.CMD_GET_LIMITS)
         return Limits(
             subflows=c.as_u32(reply.get(c.ATTR_SUBFLOWS)),
             add_addr_accepted=c.as_u32(reply.get(c.ATTR_RCV_ADD_ADDRS)),
@@ -197,7 +180,7 @@ class MptcpPM:
             attrs.append(c.u32(c.ATTR_RCV_ADD_ADDRS, add_addr_accepted))
         if subflows is not None:
             attrs.append(c.u32(c.ATTR_SUBFLOWS, subflows))
-        await self._call(m.CMD_SET_LIMITS, *attrs)
+        await self._call(c.CMD_SET_LIMITS, *attrs)
 
     # ------------------------------------------------------------ userspace PM
 
@@ -207,7 +190,7 @@ class MptcpPM:
         """ADD_ADDR to the peer of one connection (userspace PM). ``id`` > 0;
         the kernel wants the signal flag on it."""
         await self._call(
-            m.CMD_ANNOUNCE,
+            c.CMD_ANNOUNCE,
             c.address_attr(c.ATTR_ADDR, address, id=id, flags=EndpointFlags.SIGNAL,
                            port=port, ifindex=ifindex),
             c.u32(c.ATTR_TOKEN, token),
@@ -215,7 +198,7 @@ class MptcpPM:
 
     async def remove(self, token: int, local_id: int) -> None:
         """RM_ADDR of an announced address id to the peer (userspace PM)."""
-        await self._call(m.CMD_REMOVE, c.u32(c.ATTR_TOKEN, token),
+        await self._call(c.CMD_REMOVE, c.u32(c.ATTR_TOKEN, token),
                          c.u8(c.ATTR_LOC_ID, local_id))
 
     async def subflow_create(
@@ -232,7 +215,7 @@ class MptcpPM:
         """Open a subflow local -> remote:port on one connection (userspace PM)."""
         flags = EndpointFlags.BACKUP if backup else EndpointFlags.NONE
         await self._call(
-            m.CMD_SUBFLOW_CREATE,
+            c.CMD_SUBFLOW_CREATE,
             c.address_attr(c.ATTR_ADDR, local, id=local_id, flags=flags, ifindex=ifindex),
             c.u32(c.ATTR_TOKEN, token),
             c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=remote_port),
@@ -243,7 +226,7 @@ class MptcpPM:
     ) -> None:
         """Close one subflow, named by its four-tuple (userspace PM)."""
         await self._call(
-            m.CMD_SUBFLOW_DESTROY,
+            c.CMD_SUBFLOW_DESTROY,
             c.address_attr(c.ATTR_ADDR, local, port=local_port),
             c.u32(c.ATTR_TOKEN, token),
             c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=remote_port),
@@ -262,7 +245,7 @@ class MptcpPM:
         """MP_PRIO on one connection's subflow(s) local -> remote (userspace PM)."""
         flags = EndpointFlags.BACKUP if backup else EndpointFlags.NONE
         await self._call(
-            m.CMD_SET_FLAGS,
+            c.CMD_SET_FLAGS,
             c.address_attr(c.ATTR_ADDR, local, flags=flags, port=local_port),
             c.u32(c.ATTR_TOKEN, token),
             c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=remote_port),
@@ -270,8 +253,8 @@ class MptcpPM:
 
 
 # The userspace-PM commands, sent per connection (in bursts, one after another).
-_PER_CONNECTION = frozenset((m.CMD_ANNOUNCE, m.CMD_REMOVE, m.CMD_SUBFLOW_CREATE,
-                             m.CMD_SUBFLOW_DESTROY))
+_PER_CONNECTION = frozenset((c.CMD_ANNOUNCE, c.CMD_REMOVE, c.CMD_SUBFLOW_CREATE,
+                             c.CMD_SUBFLOW_DESTROY))
 
 # ----------------------------------------------------------------- events
 
@@ -375,12 +358,12 @@ class MptcpEvents(EventStream[MptcpEvent]):
         sock = NetlinkSocket(NETLINK_GENERIC, rcvbuf=rcvbuf, netns=netns)
         try:
             family_id, groups = await resolve_family(sock, "mptcp_pm")
-            if m.GROUP_EVENTS not in groups:
+            if c.GROUP_EVENTS not in groups:
                 raise FamilyMissing("the mptcp_pm family has no mptcp_pm_events group")
             stream = cls(sock, max_queued)
             stream.family_id = family_id
             try:
-                sock.add_membership(groups[m.GROUP_EVENTS])
+                sock.add_membership(groups[c.GROUP_EVENTS])
             except PermissionError as exc:
                 raise PermissionDenied(
                     exc.errno or errno.EPERM, "", "join mptcp_pm_events"
