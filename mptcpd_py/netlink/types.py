@@ -55,7 +55,15 @@ class EndpointFlags(enum.IntFlag):
         )
 
     def __str__(self) -> str:
-        return ",".join(self.names) or "-"
+        # Every endpoint log line and monitor event spells its flags: ~50
+        # enum operations each time, memoised per value (there are 64).
+        text = _FLAG_TEXT.get(self._value_)
+        if text is None:
+            text = _FLAG_TEXT[self._value_] = ",".join(self.names) or "-"
+        return text
+
+
+_FLAG_TEXT: dict[int, str] = {}
 
 
 #: Flags SET_FLAGS may change on an existing endpoint; others need delete + add.
