@@ -448,12 +448,14 @@ class _LogLimiter:
     """At most ``burst`` lines per ``window`` seconds for one kind of noise
     (a flood of bad requests must not flood the journal)."""
 
-    def __init__(self, burst: int = 10, window: float = 10.0) -> None:
+    def __init__(self, burst: int = 10, window: float = 10.0,
+                 on_suppress: Callable[[], object] | None = None) -> None:
         self.burst = burst
         self.window = window
         self.started = 0.0
         self.count = 0
         self.suppressed = 0
+        self.on_suppress = on_suppress
 
     def allow(self, now: float) -> bool:
         if now - self.started > self.window:
@@ -462,6 +464,8 @@ class _LogLimiter:
         if self.count <= self.burst:
             return True
         self.suppressed += 1
+        if self.on_suppress is not None:
+            self.on_suppress()
         return False
 
     def take_suppressed(self) -> int:
@@ -493,8 +497,9 @@ class ControlServer:
         self._delivery_bytes = 0
         self._reading = False
         self._housekeeping: asyncio.Task[None] | None = None
-        self._noise = _LogLimiter()
-        self._refusals = _LogLimiter()
+        self._housework = asyncio.Event()  # a subscription to expire or lines to report
+        self._noise = _LogLimiter(on_suppress=self._housework.set)
+        self._refusals = _LogLimiter(on_suppress=self._housework.set)
         self._buffer_checked = 0.0
         self._buffer_warned = -3600.0
 
@@ -764,6 +769,7 @@ class ControlServer:
                 return
             sub = Subscription(peer, request.id, _EventQueue(SUBSCRIBER_QUEUE), now)
             self.subscriptions[peer.address] = sub
+            self._housework.set()
             # Attached directly: its put_nowait counts what a slow client misses.
             self.monitor.subscribers.add(sub.queue)
             assert self._loop is not None
@@ -806,7 +812,14 @@ class ControlServer:
                       events=sub.sent, lost=sub.lost)
 
     async def _housekeep(self) -> None:
+        """Once a second while there is a subscription to expire or a
+        suppressed count to report; asleep otherwise (an idle daemon wakes
+        for nothing: each wake-up of a Python process costs ~0.2 ms of CPU)."""
         while True:
+            if not self.subscriptions and not self._noise.suppressed and \
+                    not self._refusals.suppressed:
+                self._housework.clear()
+                await self._housework.wait()
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for sub in list(self.subscriptions.values()):
