@@ -428,8 +428,7 @@ class Core:
                 problem = f"endpoint {item.address}: not on interface index {item.ifindex}"
             elif not isinstance(item.flags, int) or item.flags < 0 or item.flags >= 64:
                 problem = f"endpoint {item.address}: invalid flags {item.flags!r}"
-            elif EndpointFlags.SIGNAL in EndpointFlags(item.flags) and \
-                    EndpointFlags.FULLMESH in EndpointFlags(item.flags):
+            elif item.flags & _SIGNAL_FULLMESH == _SIGNAL_FULLMESH:  # int test, no enum ops
                 problem = f"endpoint {item.address}: signal and fullmesh cannot be combined"
             elif not isinstance(item.port, int) or not 0 <= item.port < 65536:
                 problem = f"endpoint {item.address}: invalid port {item.port!r}"
@@ -671,9 +670,15 @@ def _event_fields(event: Any) -> dict[str, Any]:
     return out
 
 
+_SIGNAL_FULLMESH = int(EndpointFlags.SIGNAL | EndpointFlags.FULLMESH)
+_PLAIN_NUMBERS = frozenset((int, float))
+
+
 def _priority(value: Any) -> tuple[float, ...] | None:
     """A plugin's priority as a tuple the planner can sort against any other
     (a bare number is a 1-tuple); None when it is not numbers."""
+    if type(value) is tuple and {type(v) for v in value} <= _PLAIN_NUMBERS:
+        return value  # the usual case, checked without a call per element
     if isinstance(value, int | float) and not isinstance(value, bool):
         return (value,)
     if isinstance(value, tuple) and all(isinstance(v, int | float) and not isinstance(v, bool)
