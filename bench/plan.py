@@ -16,8 +16,10 @@ class Plan:
     burst_timeout: float = 3.0  # s to wait for every extra subflow of a burst
     path_seconds: float = 5.0  # steady-state measurement over two paths
     outage: float = 5.0  # s one path is down
+    outages: int = 3  # in a row, each followed by path_seconds with the path back
 
 
 FULL = Plan()
 QUICK = Plan(endpoint_reps=5, start_counts=(1, 10), start_reps=1, idle_seconds=0.5,
-             burst_sizes=(10,), bursts=2, burst_timeout=2.0, path_seconds=1.0, outage=1.0)
+             burst_sizes=(10,), bursts=2, burst_timeout=2.0, path_seconds=1.0, outage=1.0,
+             outages=1)
