@@ -89,15 +89,16 @@ def test_an_unsortable_priority_is_a_plugin_failure_not_a_dead_daemon(
 
 
 SLOW_RELOAD = '''
-import time
+import asyncio
 from mptcpd_py.plugin import Plugin
 
 class Slow(Plugin):
-    """Takes most of its time budget on every pass."""
+    """Waits most of its time budget on every pass (the event loop stays
+    free meanwhile: a hook that blocks it would hold up any signal)."""
     name = "slow"
 
-    def endpoints(self, net, proposed):
-        time.sleep(0.6)
+    async def endpoints(self, net, proposed):
+        await asyncio.sleep(0.6)
         return proposed
 '''
 
