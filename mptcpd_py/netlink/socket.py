@@ -1,10 +1,11 @@
 """An asyncio netlink socket: requests matched by sequence number, multicast
 delivered to a callback, ENOBUFS reported instead of raised.
 
-pyroute2's message classes encode and decode; the I/O is ours so that the
-daemon controls buffer sizes, batching and what an overflow means (pyroute2
-queues everything in an unbounded userspace queue and raises ENOBUFS out of
-its reader).
+Messages are packed by the struct codecs (checked against pyroute2's
+message classes in the tests); the I/O is ours so that the daemon controls
+buffer sizes, batching and what an overflow means (pyroute2 queues
+everything in an unbounded userspace queue and raises ENOBUFS out of its
+reader).
 """
 
 from __future__ import annotations
