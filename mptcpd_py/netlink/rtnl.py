@@ -17,6 +17,7 @@ import ipaddress
 import socket
 import struct
 
+from mptcpd_py.netlink.codec import parse_attrs
 from mptcpd_py.netlink.socket import (
     NETLINK_ROUTE,
     NLM_F_ACK,
@@ -80,19 +81,6 @@ FRA_SRC, FRA_PRIORITY, FRA_TABLE = 2, 6, 15
 OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
 
 
-def _attrs(data: bytes, offset: int, end: int | None = None) -> dict[int, bytes]:
-    """Attributes from ``offset`` on: {type: payload} (a malformed tail ends it)."""
-    out: dict[int, bytes] = {}
-    end = len(data) if end is None else end
-    while offset + 4 <= end:
-        length, kind = _NLA_HDR.unpack_from(data, offset)
-        if length < 4 or offset + length > end:
-            break
-        out[kind & 0x3FFF] = data[offset + 4: offset + length]
-        offset += (length + 3) & ~3
-    return out
-
-
 def _nla(kind: int, payload: bytes) -> bytes:
     length = 4 + len(payload)
     return _NLA_HDR.pack(length, kind) + payload + b"\0" * (-length % 4)
@@ -108,9 +96,9 @@ def _u32(raw: bytes | None, default: int = 0) -> int:
 
 def decode_link(data: bytes) -> Link:
     _family, link_type, index, flags, _change = _IFINFOMSG.unpack_from(data, 16)
-    attrs = _attrs(data, 16 + _IFINFOMSG.size)
+    attrs = parse_attrs(data, 16 + _IFINFOMSG.size)
     info = attrs.get(IFLA_LINKINFO)
-    kind = _string(_attrs(info, 0).get(IFLA_INFO_KIND)) if info else ""
+    kind = _string(parse_attrs(info, 0).get(IFLA_INFO_KIND)) if info else ""
     state = attrs.get(IFLA_OPERSTATE)
     return Link(
         index=index,
@@ -174,13 +162,13 @@ def _address(raw: bytes | None) -> Address | None:
 def decode_route(data: bytes) -> Route:
     family, dst_len, _src_len, _tos, table, proto, scope, kind, _flags = \
         _RTMSG.unpack_from(data, 16)
-    attrs = _attrs(data, 16 + _RTMSG.size)
+    attrs = parse_attrs(data, 16 + _RTMSG.size)
     gateway = _address(attrs.get(RTA_GATEWAY))
     oif = _u32(attrs.get(RTA_OIF))
     multipath = attrs.get(RTA_MULTIPATH)
     if multipath and gateway is None and len(multipath) >= _RTNEXTHOP.size:
         length, _nh_flags, _hops, nh_oif = _RTNEXTHOP.unpack_from(multipath)
-        gateway = _address(_attrs(multipath, _RTNEXTHOP.size,
+        gateway = _address(parse_attrs(multipath, _RTNEXTHOP.size,
                                   min(length, len(multipath))).get(RTA_GATEWAY))
         oif = nh_oif or oif
     return Route(
@@ -199,7 +187,7 @@ def decode_route(data: bytes) -> Route:
 
 def decode_rule(data: bytes) -> Rule:
     family, _dst_len, src_len, _tos, table, *_ = _RTMSG.unpack_from(data, 16)
-    attrs = _attrs(data, 16 + _RTMSG.size)
+    attrs = parse_attrs(data, 16 + _RTMSG.size)
     src = attrs.get(FRA_SRC)
     return Rule(
         family=family,

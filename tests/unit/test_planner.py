@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from recording_log import RecordingLog as Log
 
 from mptcpd_py.endpoints import ADD, DELETE, SET_FLAGS, EndpointReconciler, plan
 from mptcpd_py.errors import (
@@ -199,12 +200,6 @@ class FakeKernel:
         return None
 
 
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda event, **kw: self.lines.append((level, event, kw))
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from recording_log import RecordingLog as Log
 
 from mptcpd_py.plugin import Plugin, PluginState
 from mptcpd_py.plugins_host import FAILED, PluginHost
@@ -18,12 +19,6 @@ from mptcpd_py.plugins_host import FAILED, PluginHost
 TIMEOUT = 0.2
 
 
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda event, **kw: self.lines.append((level, event, kw))
 
 
 @pytest.fixture

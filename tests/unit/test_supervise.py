@@ -4,19 +4,10 @@ systemd restarts it)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
+from recording_log import RecordingLog as Log
 
 from mptcpd_py import supervise as sv
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda event, **kw: self.lines.append((level, event, kw))
 
 
 @pytest.fixture(autouse=True)
