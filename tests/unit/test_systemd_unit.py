@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mptcpd_py.cli import EX_CONFIG
+from mptcpd_py.daemon import EX_NOPERM, EX_UNAVAILABLE
 from mptcpd_py.sysctl import MPTCP_SYSCTL_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +55,7 @@ def test_unit_runs_what_install_sh_installs_as_a_notify_service_with_a_watchdog(
     # SIGHUP reloads; the config is checked first so a broken one fails the reload.
     assert unit["ExecReload"] == [f"{prefix.group(1)}/bin/mptcpd-py check-config",
                                   "/bin/kill -HUP $MAINPID"]
-    assert unit["RestartPreventExitStatus"] == [str(EX_CONFIG)]
+    assert unit["RestartPreventExitStatus"] == [f"{EX_UNAVAILABLE} {EX_NOPERM} {EX_CONFIG}"]
 
 
 def test_unit_gives_the_daemon_its_state_dir_config_dir_and_mptcp_sysctls() -> None:
