@@ -17,7 +17,17 @@ import socket
 import struct
 
 from mptcpd_py.netlink import codec as c
+from mptcpd_py.netlink.rtnl import (
+    _IFADDRMSG,
+    IFA_ADDRESS,
+    IFA_FLAGS,
+    IFA_LOCAL,
+    RTM_DELADDR,
+    RTM_NEWADDR,
+)
 from mptcpd_py.netlink.socket import (
+    _HEADER,
+    NETLINK_CAP_ACK,
     NETLINK_GENERIC,
     NETLINK_ROUTE,
     NLM_F_ACK,
@@ -27,16 +37,11 @@ from mptcpd_py.netlink.socket import (
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
+    SOL_NETLINK,
 )
 from mptcpd_py.netns import in_netns
 
-_HEADER = struct.Struct("=IHHII")
-_IFADDRMSG = struct.Struct("=BBBBI")
-RTM_NEWADDR, RTM_DELADDR = 20, 21
-IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 IFA_F_NODAD = 0x02
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
