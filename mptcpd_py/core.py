@@ -161,7 +161,6 @@ class Core:
         self._pass_done = asyncio.Condition()
         self._passes = 0
         self._pass_reasons: list[str] = []  # what triggered the running pass (for monitor)
-        self._waiting_published: frozenset[Any] = frozenset()
         self._dirty_since = 0.0
         self._stopping = False
         self._waiting: set[tuple[Any, int]] = set()
@@ -472,9 +471,7 @@ class Core:
             self.stats.reconciles += 1
             for _op, error in result.failed:
                 self.stats.errors_by_errno[_errno_name(error.errno)] += 1
-            self._log_waiting(result.plan.waiting)
-            if self.monitor.subscribers:
-                self._publish_waiting(result.plan.waiting)
+            self._say_waiting(result.plan.waiting)
             self._first_pass.set()
             self.on_status(self.status_line())
         async with self._pass_done:
@@ -502,16 +499,6 @@ class Core:
                               sysctl=f"net.mptcp.{key}", value=value)
         self._kernel_seen = seen
 
-    def _log_waiting(self, waiting: Sequence[EndpointIntent]) -> None:
-        """Say once when an address starts waiting for a slot, not on every
-        pass (under churn that was thousands of identical lines)."""
-        keys = {intent.key for intent in waiting}
-        for intent in waiting:
-            if intent.key not in self._waiting:
-                self.log.info("endpoint waiting for a slot", addr=str(intent.address),
-                              ifname=self._ifname(intent.ifindex), plugin=intent.plugin)
-        self._waiting = keys
-
     def _desired_routes(self, net: NetworkSnapshot) -> dict[Any, Any]:
         """Source routes for our endpoints (kernel PM), or for every eligible
         address (userspace PM: subflows may start from any of them)."""
@@ -530,13 +517,17 @@ class Core:
         text = ", ".join(reasons[:3])
         return f"{text} (+{len(reasons) - 3} more)" if len(reasons) > 3 else text
 
-    def _publish_waiting(self, waiting: tuple[EndpointIntent, ...]) -> None:
-        """One monitor line per address that starts waiting for a slot (not
-        one per pass while it waits)."""
-        keys = frozenset(intent.key for intent in waiting)
-        contested = self.reconciler.contested() if self.reconciler else frozenset()
+    def _say_waiting(self, waiting: Sequence[EndpointIntent]) -> None:
+        """Log and publish once when an address starts waiting for a slot, not
+        on every pass while it waits (under churn that was thousands of lines)."""
+        contested = self.reconciler.contested() if self.reconciler and \
+            self.monitor.subscribers else frozenset()
         for intent in waiting:
-            if intent.key not in self._waiting_published:
+            if intent.key in self._waiting:
+                continue
+            self.log.info("endpoint waiting for a slot", addr=str(intent.address),
+                          ifname=self._ifname(intent.ifindex), plugin=intent.plugin)
+            if self.monitor.subscribers:
                 why = "deleted by someone else again and again: not restored for now" \
                     if intent.key in contested else "no free endpoint slot"
                 self.monitor.publish(
@@ -544,7 +535,7 @@ class Core:
                     flags=str(intent.flags), ifname=self._ifname(intent.ifindex),
                     plugin=intent.plugin, reason=intent.reason, error=why,
                     trigger=self._trigger())
-        self._waiting_published = keys
+        self._waiting = {intent.key for intent in waiting}
 
     def _on_operation(self, op: Operation, error: str | None) -> None:
         rec = op.endpoint
