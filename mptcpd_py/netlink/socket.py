@@ -11,11 +11,12 @@ reader).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import errno
+import queue
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,14 +59,38 @@ _RECV_SIZE = 1 << 17
 _MAX_DATAGRAMS_PER_WAKEUP = 512
 
 
-_SLOW_SENDERS: concurrent.futures.ThreadPoolExecutor | None = None
+class _SlowSender:
+    """One thread that sends a socket's slow requests (DEL_ADDR blocks in
+    sendmsg(2) for an RCU grace period, 5-15 ms) so the event loop keeps
+    serving meanwhile. It only sends: the kernel's answer lands on the
+    socket like any other and completes the request there, so the loop is
+    woken once, by that answer, and a failed send is the one thing passed
+    back (a thread pool woke it twice, and passed the GIL back and forth
+    between its future's callbacks)."""
 
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
+                 on_error: Callable[[int, OSError], None]) -> None:
+        self._queue: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self._sock = sock
+        self._loop = loop
+        self._on_error = on_error
+        self._thread = threading.Thread(target=self._run, name="netlink-slow", daemon=True)
+        self._thread.start()
 
-def _slow_senders() -> concurrent.futures.ThreadPoolExecutor:
-    global _SLOW_SENDERS  # noqa: PLW0603 (one small pool per process, made on first use)
-    if _SLOW_SENDERS is None:
-        _SLOW_SENDERS = concurrent.futures.ThreadPoolExecutor(2, "netlink-slow")
-    return _SLOW_SENDERS
+    def send(self, seq: int, data: bytes) -> None:
+        self._queue.put((seq, data))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            seq, data = item
+            try:
+                self._sock.send(data)
+            except OSError as exc:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    self._loop.call_soon_threadsafe(self._on_error, seq, exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +199,7 @@ class NetlinkSocket:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._dump_lock = asyncio.Lock()  # the kernel runs one dump per socket (EBUSY)
+        self._slow: _SlowSender | None = None
 
     @staticmethod
     def _set_rcvbuf(sock: socket.socket, size: int) -> None:
@@ -216,6 +242,8 @@ class NetlinkSocket:
         self._closed = True
         if self._loop is not None:
             self._loop.remove_reader(self.sock.fileno())
+        if self._slow is not None:
+            self._slow.stop()
         self.sock.close()
         for pending in self._pending.values():
             if not pending.future.done():
@@ -272,14 +300,17 @@ class NetlinkSocket:
             data = msg.data
         future: asyncio.Future[list[RawMessage]] = self._loop.create_future()
         self._pending[seq] = _Pending(future, bool(flags & NLM_F_DUMP == NLM_F_DUMP), command)
-        try:
-            if slow:
-                await self._loop.run_in_executor(_slow_senders(), self.sock.send, data)
-            else:
+        if slow:
+            if self._slow is None:
+                self._slow = _SlowSender(self.sock, self._loop, self._send_failed)
+            self._slow.send(seq, data)
+        else:
+            try:
                 self.sock.send(data)
-        except OSError as exc:
-            del self._pending[seq]
-            raise NetlinkError(f"{command or 'netlink'}: send failed: {exc.strerror}") from exc
+            except OSError as exc:
+                del self._pending[seq]
+                raise NetlinkError(f"{command or 'netlink'}: send failed: {exc.strerror}"
+                                   ) from exc
         if immediate and not slow:
             # The kernel runs a request inside sendmsg(2): its answer is
             # queued by now. Reading it here saves a trip through the event
@@ -291,6 +322,12 @@ class NetlinkSocket:
             return await future
         finally:
             self._pending.pop(seq, None)
+
+    def _send_failed(self, seq: int, exc: OSError) -> None:
+        pending = self._pending.get(seq)
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(NetlinkError(
+                f"{pending.command or 'netlink'}: send failed: {exc.strerror}"))
 
     def _on_readable(self) -> None:
         self._read_some()
