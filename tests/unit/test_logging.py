@@ -17,6 +17,7 @@ def test_journal_renderer_sends_message_priority_and_uppercase_fields() -> None:
     renderer = mlog.JournalRenderer.__new__(mlog.JournalRenderer)
     renderer._send = lambda message, **fields: sent.append((message, fields))
     renderer.identifier = "mptcpd-py"
+    renderer._names = {}
     with contextlib.suppress(structlog.DropEvent):  # the renderer prints nothing itself
         renderer(None, "info", {"event": "endpoint added", "level": "info",
                                 "addr": "192.0.2.1", "endpoint_id": 3, "ifname": "eth0"})
