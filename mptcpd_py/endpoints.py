@@ -23,6 +23,7 @@ Rules the plan follows:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -331,7 +332,11 @@ class EndpointReconciler:
         we thought (re-read and re-plan)."""
         surprised = False
         self.store.state.next_id = current.next_id
-        for planned in current.operations:
+        for index, planned in enumerate(current.operations):
+            if index and not index % 8:
+                # The kernel's answers are read as soon as they are sent, so
+                # a long plan would never let the loop run: it does here.
+                await asyncio.sleep(0)
             op, rec = planned, planned.endpoint
             try:
                 if op.kind in (DELETE, SET_FLAGS) and not await self._still_ours(rec):

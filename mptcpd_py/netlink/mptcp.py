@@ -100,7 +100,7 @@ class MptcpPM:
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
         replies = await self.sock.request_bytes(payload, self.family_id, flags,
                                                 c.COMMAND_NAMES[cmd], slow=slow,
-                                                immediate=cmd in _PER_CONNECTION)
+                                                immediate=not dump)
         return [c.genl_attrs(r.data)[1] for r in replies if r.type == self.family_id]
 
     # ------------------------------------------------------------ endpoints
@@ -251,10 +251,6 @@ class MptcpPM:
             c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=remote_port),
         )
 
-
-# The userspace-PM commands, sent per connection (in bursts, one after another).
-_PER_CONNECTION = frozenset((c.CMD_ANNOUNCE, c.CMD_REMOVE, c.CMD_SUBFLOW_CREATE,
-                             c.CMD_SUBFLOW_DESTROY))
 
 # ----------------------------------------------------------------- events
 

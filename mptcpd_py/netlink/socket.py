@@ -314,9 +314,9 @@ class NetlinkSocket:
         if immediate and not slow:
             # The kernel runs a request inside sendmsg(2): its answer is
             # queued by now. Reading it here saves a trip through the event
-            # loop per request, and the await below does not suspend: for
-            # the per-connection commands of a burst. (Opt-in: other paths,
-            # a reload's, let pending signals run while they wait.)
+            # loop per request (a wake-up's worth of CPU on an idle daemon),
+            # and the await below does not suspend: a caller that sends many
+            # yields to the loop itself now and then.
             self._on_readable()
         try:
             return await future
