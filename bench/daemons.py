@@ -14,6 +14,7 @@ import glob
 import os
 import signal
 import subprocess
+import sys
 import time
 from importlib import resources
 from typing import Any
@@ -226,3 +227,39 @@ class CDaemon(Daemon):
                 return f.read()
         except FileNotFoundError:
             return ""
+
+
+class BareResponder(Daemon):
+    """``bench/bare_responder.py``: the least any Python daemon does per
+    address (a yardstick for the endpoint rows, not a path manager)."""
+
+    name = "bare Python responder"
+
+    def __init__(self, ns: Netns, *args: str) -> None:
+        """``args``: ``endpoints``, or ``userspace SOURCE``."""
+        self.ns = ns
+        self.args = list(args) or ["endpoints"]
+        self.proc: subprocess.Popen[Any] | None = None
+
+    def start(self, *, wait: bool = True) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.proc = self.ns.popen([sys.executable, "-m", "bench.bare_responder", *self.args],
+                                  cwd=root,
+                                  stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            raise LabError("the bare Python responder exited")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)

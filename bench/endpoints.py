@@ -9,12 +9,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench.daemons import CDaemon, Daemon, PyDaemon
+from bench.daemons import BareResponder, CDaemon, Daemon, PyDaemon
 from bench.nl import Address, MptcpPm, Rtnl
 from bench.plan import Plan
 from bench.report import FLOOR, PY, C, Row, Summary
 from mptcpd_py.lab import Lab, LabError, Netns
 
+BARE = "bare"  # bench/bare_responder.py: the yardstick for what Python allows
 SUBFLOW = 2
 POLL_TIMEOUT = 2.0
 SETTLE = 0.03  # let the daemon finish what follows the kernel write before the next step
@@ -55,7 +56,7 @@ def _bed(lab: Lab) -> tuple[Netns, int]:
 
 
 def measure(subject: str, reps: int, workdir: str) -> Timings:
-    """``subject``: PY, C or FLOOR (the harness writes the endpoints itself)."""
+    """``subject``: PY, C, BARE or FLOOR (the harness writes the endpoints itself)."""
     timings = Timings()
     with Lab("bench-ep") as lab:
         dut, ifindex = _bed(lab)
@@ -66,6 +67,8 @@ def measure(subject: str, reps: int, workdir: str) -> Timings:
                 daemon = PyDaemon(dut, os.path.join(workdir, "endpoints-py"))
             elif subject == C:
                 daemon = CDaemon(dut, os.path.join(workdir, "endpoints-c"))
+            elif subject == BARE:
+                daemon = BareResponder(dut)
             if daemon is not None:
                 daemon.start()
                 time.sleep(0.3)
@@ -121,7 +124,7 @@ def run(plan: Plan, workdir: str, *, with_c: bool, log: Callable[[str], None]) -
     reps = plan.endpoint_reps
     results: dict[str, Timings] = {}
     subjects = [FLOOR, PY] + ([C] if with_c else [])
-    for subject in subjects:
+    for subject in [*subjects, BARE]:
         log(f"endpoints: {subject}, {reps} add/delete cycles")
         results[subject] = measure(subject, reps, workdir)
 
@@ -149,4 +152,15 @@ def run(plan: Plan, workdir: str, *, with_c: bool, log: Callable[[str], None]) -
     row = Row("endpoints", "daemon CPU per add + delete", "ms", dict(cpu), digits=3)
     row.check(lambda: cpu[PY] <= 1.0, "<= 1.0")
     rows.append(row)
+    # The yardstick, in the mptcpd-py column so that py/C compares it with mptcpd.
+    bare = results[BARE]
+    bare_add = Summary.of(bare.add)
+    row = Row("endpoints", "yardstick: bare Python responder, added -> present", "ms",
+              {PY: bare_add.scaled(1000) if bare_add else None, C: add.get(C)}, digits=3)
+    row.note = ("bench/bare_responder.py: an asyncio process that sends ADD_ADDR as soon as "
+                "RTM_NEWADDR arrives (DEL_ADDR from a thread): no policy, no state, no logs. "
+                "What no Python daemon can beat on this machine")
+    rows.append(row)
+    rows.append(Row("endpoints", "yardstick: bare Python responder, CPU per add + delete",
+                    "ms", {PY: bare.cpu_per_cycle, C: cpu.get(C)}, digits=3))
     return rows

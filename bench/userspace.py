@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench.daemons import CDaemon, Daemon, PyDaemon
+from bench.daemons import BareResponder, CDaemon, Daemon, PyDaemon
 from bench.plan import Plan
 from bench.recorder import COUNTERS, ESTABLISHED, SUB_ESTABLISHED
 from bench.report import PY, C, Row, Summary
@@ -29,6 +29,7 @@ from mptcpd_py.lab import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA_SOURCE = TwoPaths.V4[1][0]  # the client's second interface
 SERVER = TwoPaths.V4[0][1]
+BARE = "bare"  # bench/bare_responder.py: the yardstick for what Python allows
 
 
 @dataclass
@@ -134,6 +135,9 @@ def measure(subject: str, plan: Plan, workdir: str, log: Callable[[str], None]
         daemon: Daemon
         if subject == PY:
             daemon = PyDaemon(tp.client, work, plugins=("sspi",), path_manager="userspace")
+        elif subject == BARE:
+            _use_userspace_pm(tp.client)
+            daemon = BareResponder(tp.client, "userspace", str(EXTRA_SOURCE))
         else:
             _use_userspace_pm(tp.client)
             daemon = CDaemon(tp.client, work, plugin="sspi")
@@ -180,7 +184,7 @@ def run(plan: Plan, workdir: str, *, with_c: bool, log: Callable[[str], None]) -
     ks, bursts = plan.burst_sizes, plan.bursts
     subjects = [PY] + ([C] if with_c else [])
     results = {}
-    for subject in subjects:
+    for subject in [*subjects, BARE]:
         log(f"userspace: {subject}, bursts of {', '.join(map(str, ks))} connections, "
             f"{bursts} each")
         results[subject] = measure(subject, plan, workdir, log)
@@ -220,4 +224,17 @@ def run(plan: Plan, workdir: str, *, with_c: bool, log: Callable[[str], None]) -
                                  "created, established, subflow, closed" if big else "")
         rows.append(row.check(lambda cpu=cpu: cpu[PY].median <= 0.3, "<= 0.3") if big
                     else row)
+    # The yardstick for the largest burst, in the mptcpd-py column.
+    k = max(ks)
+    bare = results[BARE][k]
+    bare_latency = Summary.of([x for b in bare for x in b.latencies])
+    rows.append(Row(
+        "userspace", f"yardstick: bare Python responder, K = {k}: ESTABLISHED -> "
+        "SUB_ESTABLISHED", "ms", {PY: bare_latency.scaled(1000) if bare_latency else None},
+        digits=2, note=f"bench/bare_responder.py: SUBFLOW_CREATE as soon as each ESTABLISHED "
+                       f"event is read, nothing else; worst share of {len(bare)} bursts: "
+                       f"{min(b.share for b in bare) * 100:.1f}%"))
+    rows.append(Row(
+        "userspace", f"yardstick: bare Python responder, K = {k}: CPU per connection", "ms",
+        {PY: Summary.of([b.cpu_per_connection for b in bare])}, digits=3))
     return rows

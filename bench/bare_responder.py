@@ -1,0 +1,193 @@
+"""The least a Python path manager can do, as a yardstick for the targets.
+
+``python -m bench.bare_responder endpoints``: RTM_NEWADDR -> ADD_ADDR, and
+RTM_DELADDR -> DEL_ADDR from a thread (the kernel waits for an RCU grace
+period there).
+
+``python -m bench.bare_responder userspace SOURCE``: each MPTCP ESTABLISHED
+event -> SUBFLOW_CREATE from SOURCE to the connection's peer, answer read at
+once (userspace path manager).
+
+No policy, no state file, no logs, no checks: it answers how close to a C
+daemon, or to a target, *any* asyncio daemon gets on this machine. The
+benchmark runs it in the namespace like the daemons and reports it in
+"yardstick" rows; it is not a path manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import queue
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Callable
+
+from mptcpd_py.netlink import codec as c
+from mptcpd_py.netlink.mptcp import resolve_family
+from mptcpd_py.netlink.socket import (
+    NETLINK_ADD_MEMBERSHIP,
+    NETLINK_GENERIC,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    SO_RCVBUFFORCE,
+    SOL_NETLINK,
+    NetlinkSocket,
+)
+from mptcpd_py.netlink.types import Address, EndpointFlags
+
+RTMGRP_IPV4_IFADDR = 0x10
+RTM_NEWADDR, RTM_DELADDR = 20, 21
+IFA_LOCAL = 2
+_HEADER = struct.Struct("=IHHII")
+_IFADDRMSG = struct.Struct("=BBBBI")
+_NLA = struct.Struct("=HH")
+_GENL = struct.Struct("=BBH")
+EVENT_ESTABLISHED = 2
+
+
+class BareResponder:
+    def __init__(self, genl: socket.socket, family: int) -> None:
+        self.genl = genl
+        self.family = family
+        self.ids: dict[bytes, int] = {}
+        self.seq = 0
+        self.slow: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        threading.Thread(target=self._send_slow, daemon=True).start()
+
+    def _send_slow(self) -> None:
+        while True:
+            self.genl.send(self.slow.get())
+
+    def _message(self, cmd: int, attr: bytes) -> bytes:
+        self.seq += 1
+        payload = c.genl_payload(cmd, c.MPTCP_PM_VERSION, attr)
+        return _HEADER.pack(_HEADER.size + len(payload), self.family,
+                            NLM_F_REQUEST | NLM_F_ACK, self.seq, 0) + payload
+
+    def on_rtnl(self, data: bytes) -> None:
+        offset = 0
+        while offset + _HEADER.size <= len(data):
+            length, kind = _HEADER.unpack_from(data, offset)[:2]
+            if kind in (RTM_NEWADDR, RTM_DELADDR):
+                self._address(kind, data[offset:offset + length])
+            offset += (length + 3) & ~3
+
+    def _address(self, kind: int, msg: bytes) -> None:
+        family, _plen, _flags, _scope, index = _IFADDRMSG.unpack_from(msg, _HEADER.size)
+        offset = _HEADER.size + _IFADDRMSG.size
+        while family == socket.AF_INET and offset + _NLA.size <= len(msg):
+            length, attr = _NLA.unpack_from(msg, offset)
+            if length < _NLA.size:
+                return
+            if attr == IFA_LOCAL:
+                raw = msg[offset + 4:offset + 8]
+                if kind == RTM_NEWADDR:
+                    ident = next(i for i in range(1, 256) if i not in self.ids.values())
+                    self.ids[raw] = ident
+                    self.genl.send(self._message(c.CMD_ADD_ADDR, c.address_attr(
+                        c.ATTR_ADDR, c.as_address(raw), id=ident,
+                        flags=EndpointFlags.SUBFLOW, ifindex=index)))
+                elif raw in self.ids:
+                    self.slow.put(self._message(c.CMD_DEL_ADDR, c.address_attr(
+                        c.ATTR_ADDR, c.as_address(raw), id=self.ids.pop(raw))))
+                return
+            offset += (length + 3) & ~3
+
+    def drain_acks(self) -> None:
+        while True:
+            try:
+                self.genl.recv(65536)
+            except BlockingIOError:
+                return
+
+
+class BareUserspace:
+    """ESTABLISHED -> SUBFLOW_CREATE(token, SOURCE id 1 -> peer address:port)."""
+
+    def __init__(self, genl: socket.socket, family: int, source: str) -> None:
+        self.genl = genl
+        self.family = family
+        self.source = ipaddress.ip_address(source)
+        self.seq = 0
+
+    def on_events(self, data: bytes) -> None:
+        offset = 0
+        while offset + _HEADER.size + _GENL.size <= len(data):
+            length = _HEADER.unpack_from(data, offset)[0]
+            if length < _HEADER.size:
+                return
+            if data[offset + _HEADER.size] == EVENT_ESTABLISHED:
+                attrs = c.parse_attrs(data, offset + _HEADER.size + _GENL.size, offset + length)
+                daddr = attrs.get(c.EV_DADDR4)
+                if daddr is not None and c.EV_SERVER_SIDE not in attrs:
+                    self._create(c.as_u32(attrs.get(c.EV_TOKEN)), c.as_address(daddr),
+                                 c.as_be16(attrs.get(c.EV_DPORT)))
+            offset += (length + 3) & ~3
+
+    def _create(self, token: int, remote: Address, port: int) -> None:
+        self.seq += 1
+        payload = c.genl_payload(
+            c.CMD_SUBFLOW_CREATE, c.MPTCP_PM_VERSION,
+            c.address_attr(c.ATTR_ADDR, self.source, id=1),
+            c.u32(c.ATTR_TOKEN, token),
+            c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=port))
+        self.genl.send(_HEADER.pack(_HEADER.size + len(payload), self.family,
+                                    NLM_F_REQUEST | NLM_F_ACK, self.seq, 0) + payload)
+        while True:  # the answer is queued by now (the kernel ran it in send)
+            try:
+                self.genl.recv(65536)
+            except BlockingIOError:
+                return
+
+
+def _netlink(protocol: int, groups: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, protocol)
+    sock.bind((0, groups))
+    return sock
+
+
+def _reader(sock: socket.socket, handle: Callable[[bytes], None]) -> Callable[[], None]:
+    def read() -> None:
+        while True:
+            try:
+                handle(sock.recv(1 << 17))
+            except BlockingIOError:
+                return
+            except OSError:  # ENOBUFS: events lost; a yardstick goes on
+                continue
+    return read
+
+
+async def userspace(source: str) -> None:
+    resolver = NetlinkSocket(NETLINK_GENERIC)
+    family, groups = await resolve_family(resolver, "mptcp_pm")
+    resolver.close()
+    events = _netlink(NETLINK_GENERIC)
+    events.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
+    events.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, groups[c.GROUP_EVENTS])
+    responder = BareUserspace(_netlink(NETLINK_GENERIC), family, source)
+    asyncio.get_running_loop().add_reader(events.fileno(), _reader(events, responder.on_events))
+    await asyncio.Event().wait()
+
+
+async def endpoints() -> None:
+    resolver = NetlinkSocket(NETLINK_GENERIC)
+    family, _groups = await resolve_family(resolver, "mptcp_pm")
+    resolver.close()
+    genl = _netlink(NETLINK_GENERIC)
+    rtnl = _netlink(0, RTMGRP_IPV4_IFADDR)
+    responder = BareResponder(genl, family)
+    loop = asyncio.get_running_loop()
+    loop.add_reader(rtnl.fileno(), _reader(rtnl, responder.on_rtnl))
+    loop.add_reader(genl.fileno(), responder.drain_acks)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["userspace"]:
+        asyncio.run(userspace(sys.argv[2]))
+    else:
+        asyncio.run(endpoints())
