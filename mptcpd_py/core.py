@@ -155,12 +155,14 @@ class Core:
         self._wakeup = asyncio.Event()  # a pass is requested
         self._kick = asyncio.Event()  # ... and the reconcile loop should run it
         self._full_requested = False
-        self._reasons: list[str] = []
+        self._reasons: list[str | RtnlEvent] = []
         self._pass_lock = asyncio.Lock()
         self._first_pass = asyncio.Event()
         self._pass_done = asyncio.Condition()
         self._passes = 0
-        self._pass_reasons: list[str] = []  # what triggered the running pass (for monitor)
+        # What triggered the running pass (for monitor): an event is only
+        # turned into words when someone asks.
+        self._pass_reasons: list[str | RtnlEvent] = []
         self._dirty_since = 0.0
         self._stopping = False
         self._waiting: set[tuple[Any, int]] = set()
@@ -278,7 +280,7 @@ class Core:
                     # here, without waking the reconcile loop for nothing (a
                     # burst still coalesces: it is queued by then).
                     inline = not len(self.rtnl_events) and not self._pass_lock.locked()
-                    self.request_reconcile(_describe(event), kick=not inline)
+                    self.request_reconcile(event, kick=not inline)  # described if asked
                 if self._wakeup.is_set() and not len(self.rtnl_events) and \
                         not self._pass_lock.locked():
                     await self._run_requested_pass()
@@ -341,7 +343,8 @@ class Core:
                                  dst=str(event.route.dst), gateway=str(event.route.gateway),
                                  ifname=self._ifname(event.route.oif))
 
-    def request_reconcile(self, reason: str, full: bool = False, *, kick: bool = True) -> None:
+    def request_reconcile(self, reason: str | RtnlEvent, full: bool = False, *,
+                          kick: bool = True) -> None:
         """Ask for a pass; ``kick=False`` when the caller runs it right away."""
         if not self._wakeup.is_set():
             self._dirty_since = time.perf_counter()
@@ -447,7 +450,7 @@ class Core:
                                       item.plugin or state.name, item.reason))
         return tuple(out)
 
-    async def _reconcile_pass(self, *, full: bool, reasons: list[str]) -> None:
+    async def _reconcile_pass(self, *, full: bool, reasons: list[str | RtnlEvent]) -> None:
         async with self._pass_lock:
             assert self.reconciler is not None and self.routing is not None
             net = self.model.snapshot()
@@ -514,7 +517,7 @@ class Core:
         """What caused the running pass, for a monitor line: the first few
         reasons (a burst of events coalesces into one pass)."""
         reasons = self._pass_reasons
-        text = ", ".join(reasons[:3])
+        text = ", ".join(r if isinstance(r, str) else _describe(r) for r in reasons[:3])
         return f"{text} (+{len(reasons) - 3} more)" if len(reasons) > 3 else text
 
     def _say_waiting(self, waiting: Sequence[EndpointIntent]) -> None:

@@ -51,6 +51,9 @@ MAX_ENDPOINTS = 8
 ALL_KEPT = EndpointFlags(63) & ~EndpointFlags.IMPLICIT
 MAX_ID = 255
 Key = tuple[Address, int]
+Matched = tuple[dict[Key, tuple[OwnedEndpoint, Endpoint]], list[OwnedEndpoint], list[Endpoint]]
+_IMPLICIT = int(EndpointFlags.IMPLICIT)
+_CHANGEABLE = int(CHANGEABLE_FLAGS)
 
 ADD, DELETE, SET_FLAGS = "add", "delete", "set_flags"
 
@@ -104,9 +107,7 @@ def _allocate_id(used: set[int], cursor: int) -> tuple[int, int]:
     raise EndpointTableFull(34, "no free endpoint id", "add endpoint")
 
 
-def match_owned(
-    observed: Iterable[Endpoint], owned: Mapping[Key, OwnedEndpoint]
-) -> tuple[dict[Key, tuple[OwnedEndpoint, Endpoint]], list[OwnedEndpoint], list[Endpoint]]:
+def match_owned(observed: Iterable[Endpoint], owned: Mapping[Key, OwnedEndpoint]) -> Matched:
     """(ours present in the kernel, ours gone from the kernel, foreign)."""
     by_id = {e.id: e for e in observed}
     present: dict[Key, tuple[OwnedEndpoint, Endpoint]] = {}
@@ -131,24 +132,29 @@ def plan(
     max_endpoints: int = MAX_ENDPOINTS,
     next_id: int = 1,
     contested: frozenset[Key] = frozenset(),
+    matched: Matched | None = None,
 ) -> Plan:
-    present, gone, foreign = match_owned(observed, owned)
+    """``matched``: :func:`match_owned` of the same observed and owned, when
+    the caller has it already. Flags are tested as ints below: an IntFlag
+    operation costs a call into the enum machinery each."""
+    present, gone, foreign = matched or match_owned(observed, owned)
     foreign_by_key = {e.key: e for e in foreign}
 
     wanted: list[EndpointIntent] = []
     seen: set[Key] = set()
-    mask = kept_flags & ~EndpointFlags.IMPLICIT
-    for proposal in sorted(desired, key=lambda i: i.priority):
-        if proposal.key in seen:
+    mask = int(kept_flags) & ~_IMPLICIT
+    for proposal in sorted(desired, key=_by_priority) if len(desired) > 1 else desired:
+        key = proposal.key
+        if key in seen:
             continue
-        seen.add(proposal.key)
-        wanted.append(proposal if not proposal.flags & ~mask
-                      else replace(proposal, flags=proposal.flags & mask))
+        seen.add(key)
+        wanted.append(proposal if not int(proposal.flags) & ~mask
+                      else replace(proposal, flags=EndpointFlags(int(proposal.flags) & mask)))
 
     # Someone else's endpoint for an address we want: leave it alone. An
     # implicit one (made by the kernel for a subflow) is replaced by an add.
     blocked = [i for i in wanted if i.key in foreign_by_key
-               and EndpointFlags.IMPLICIT not in foreign_by_key[i.key].flags]
+               and not int(foreign_by_key[i.key].flags) & _IMPLICIT]
     replaceable = {i.key for i in wanted if i.key in foreign_by_key} - {i.key for i in blocked}
     occupied = sum(1 for e in foreign if e.key not in replaceable)
     slots = max(0, max_endpoints - occupied)
@@ -173,35 +179,38 @@ def plan(
                 else "no longer wanted"
             deletes.append(Operation(DELETE, rec, why))
 
+    def record(intent: EndpointIntent, id: int) -> OwnedEndpoint:
+        return OwnedEndpoint(id, intent.address, intent.port, intent.flags, intent.ifindex,
+                             intent.plugin)
+
     for intent in selected:
-        record = OwnedEndpoint(0, intent.address, intent.port, intent.flags, intent.ifindex,
-                               intent.plugin)
-        if intent.key in present:
-            rec, ep = present[intent.key]
-            have = ep.flags & ~EndpointFlags.IMPLICIT
-            diff = have ^ intent.flags
-            if diff & ~CHANGEABLE_FLAGS or ep.ifindex != intent.ifindex:
+        key = intent.key
+        if key in present:
+            rec, ep = present[key]
+            have = int(ep.flags) & ~_IMPLICIT
+            diff = have ^ int(intent.flags)
+            if diff & ~_CHANGEABLE or ep.ifindex != intent.ifindex:
                 deletes.append(Operation(DELETE, rec, "flags or device changed: re-adding"))
                 new_id, next_id = _allocate_id(used, next_id)
                 used.add(new_id)
-                adds.append(Operation(ADD, replace(record, id=new_id),
-                                      intent.reason or "wanted"))
+                adds.append(Operation(ADD, record(intent, new_id), intent.reason or "wanted"))
             elif diff:
                 changes.append(Operation(SET_FLAGS, replace(rec, flags=intent.flags,
                                                             plugin=intent.plugin),
-                                         intent.reason or "flags changed", old_flags=have))
+                                         intent.reason or "flags changed",
+                                         old_flags=EndpointFlags(have)))
             else:
                 kept.append(replace(rec, plugin=intent.plugin) if rec.plugin != intent.plugin
                             else rec)
             continue
-        if intent.key in replaceable:
-            implicit = foreign_by_key[intent.key]
-            adds.append(Operation(ADD, replace(record, id=implicit.id),
-                                  intent.reason or "wanted", replaces_implicit=True))
+        if key in replaceable:
+            implicit = foreign_by_key[key]
+            adds.append(Operation(ADD, record(intent, implicit.id), intent.reason or "wanted",
+                                  replaces_implicit=True))
             continue
         new_id, next_id = _allocate_id(used, next_id)
         used.add(new_id)
-        adds.append(Operation(ADD, replace(record, id=new_id), intent.reason or "wanted"))
+        adds.append(Operation(ADD, record(intent, new_id), intent.reason or "wanted"))
 
     return Plan(
         operations=tuple(deletes + changes + adds),
@@ -211,6 +220,10 @@ def plan(
         kept=tuple(kept),
         next_id=next_id,
     )
+
+
+def _by_priority(intent: EndpointIntent) -> Any:
+    return intent.priority
 
 
 @dataclass
@@ -284,14 +297,17 @@ class EndpointReconciler:
         for _attempt in range(3):
             # Forget what vanished first, so this very pass knows whether the
             # address is now contested.
-            present, gone, _foreign = match_owned(self.observed, self.owned)
-            self._unconfirmed.difference_update(present)
+            matched = match_owned(self.observed, self.owned)
+            present, gone, _foreign = matched
+            if self._unconfirmed:
+                self._unconfirmed.difference_update(present)
             if gone:
                 self._forget(gone, result)
             current = plan(
                 desired, self.observed, self.owned, kept_flags=self.kept_flags,
                 max_endpoints=self.max_endpoints, next_id=self.store.state.next_id,
-                contested=self.contested(),
+                contested=self.contested() if self._deleted_externally else frozenset(),
+                matched=None if gone else matched,  # forgetting changed what is owned
             )
             result.plan = current
             self.last_plan = current
@@ -361,7 +377,8 @@ class EndpointReconciler:
                         if e.id == rec.id else e for e in self.observed
                     ]
                 else:
-                    op = replace(planned, endpoint=await self._add(planned))
+                    op = Operation(ADD, await self._add(planned), planned.reason,
+                                   planned.old_flags, planned.replaces_implicit)
             except (EndpointExists, EndpointIdBusy, NoSuchEndpoint) as exc:
                 surprised = True
                 self._failed(op, exc, result, level="info")

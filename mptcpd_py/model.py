@@ -14,9 +14,10 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any, Generic, TypeVar
 
 from mptcpd_py.config import NetworkConfig
 from mptcpd_py.netlink.types import (
@@ -65,6 +66,30 @@ class Candidate:
                 int(self.address.address))
 
 
+_T = TypeVar("_T")
+
+
+class _computed_once(Generic[_T]):
+    """functools.cached_property without its lock (Python < 3.12 takes an
+    RLock per first access): snapshots are built and read on the event
+    loop's thread, one per network change."""
+
+    def __init__(self, fn: Callable[[Any], _T]) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> _T:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        value = self.fn(obj)
+        obj.__dict__[self.name] = value  # found there first from now on
+        return value
+
+
 @dataclass(frozen=True)
 class NetworkSnapshot:
     """An immutable view of the network, handed to plugins."""
@@ -76,12 +101,12 @@ class NetworkSnapshot:
     gateways: Mapping[tuple[int, int], Address] = field(default_factory=dict)
     generation: int = 0
 
-    @functools.cached_property
+    @_computed_once
     def local_addresses(self) -> frozenset[Address]:
         """Every address of this host (what an intent may name)."""
         return frozenset(a.address for a in self.addresses)
 
-    @functools.cached_property
+    @_computed_once
     def address_interfaces(self) -> frozenset[tuple[Address, int]]:
         return frozenset((a.address, a.index) for a in self.addresses)
 
@@ -180,6 +205,12 @@ class NetworkModel:
         self._ignored_at_start: set[tuple[int, Address]] = set()
         self._snapshot: NetworkSnapshot | None = None
         self._iface_cache: dict[Link, Interface] = {}
+        # Interfaces and gateways of the last snapshot, reused while only
+        # addresses change (the usual event): the links' and routes' versions.
+        self._links_version = 0
+        self._routes_version = 0
+        self._views: tuple[int, int, Mapping[int, Interface],
+                           Mapping[tuple[int, int], Address]] | None = None
         self._judged: dict[tuple[IfAddress, Interface | None, bool], tuple[str | None, int]] = {}
 
     def load(self, links: Iterable[Link], addresses: Iterable[IfAddress],
@@ -193,6 +224,8 @@ class NetworkModel:
         if initial and not self.cfg.existing:
             self._ignored_at_start = set(self.addresses)
         self._ignored_at_start &= set(self.addresses)
+        self._links_version += 1
+        self._routes_version += 1
         self._changed()
 
     def set_config(self, cfg: NetworkConfig) -> None:
@@ -222,6 +255,8 @@ class NetworkModel:
                 self.links[link.index] = link
                 if old is not None and old.name != link.name:
                     self._devtypes.pop((link.index, old.name), None)
+            self._links_version += 1
+            self._routes_version += 1  # a link's removal took its routes along
             self._changed()
             return True
         if isinstance(event, AddressEvent):
@@ -239,6 +274,7 @@ class NetworkModel:
             return True
         if isinstance(event, RouteEvent):
             if self._apply_route(event.route, event.removed):
+                self._routes_version += 1
                 self._changed()
                 return True
             return False
@@ -302,13 +338,7 @@ class NetworkModel:
     def snapshot(self) -> NetworkSnapshot:
         if self._snapshot is not None:
             return self._snapshot
-        interfaces = {index: self._interface(link) for index, link in self.links.items()}
-        gateways: dict[tuple[int, int], Address] = {}
-        for route in sorted(self.defaults.values(), key=lambda r: r.priority):
-            if route.gateway is not None:
-                gateways.setdefault((route.oif, route.family), route.gateway)
-            else:  # a device route (point-to-point): default route, no gateway
-                gateways.setdefault((route.oif, -route.family), _ANY[route.family])
+        interfaces, gateways = self._interfaces_and_gateways()
         eligible: list[Candidate] = []
         ineligible: dict[tuple[int, Address], str] = {}
         for key, addr in self.addresses.items():
@@ -324,14 +354,31 @@ class NetworkModel:
             eligible.append(Candidate(addr, iface, rank))
         eligible.sort(key=lambda c: c.priority)
         self._snapshot = NetworkSnapshot(
-            interfaces=MappingProxyType(interfaces),
+            interfaces=interfaces,
             addresses=tuple(self.addresses.values()),
             eligible=tuple(eligible),
             ineligible=MappingProxyType(ineligible),
-            gateways=MappingProxyType(gateways),
+            gateways=gateways,
             generation=self.generation,
         )
         return self._snapshot
+
+    def _interfaces_and_gateways(self) -> tuple[Mapping[int, Interface],
+                                                Mapping[tuple[int, int], Address]]:
+        views = self._views
+        if views is not None and views[0] == self._links_version and \
+                views[1] == self._routes_version:
+            return views[2], views[3]
+        interfaces = {index: self._interface(link) for index, link in self.links.items()}
+        gateways: dict[tuple[int, int], Address] = {}
+        for route in sorted(self.defaults.values(), key=lambda r: r.priority):
+            if route.gateway is not None:
+                gateways.setdefault((route.oif, route.family), route.gateway)
+            else:  # a device route (point-to-point): default route, no gateway
+                gateways.setdefault((route.oif, -route.family), _ANY[route.family])
+        self._views = (self._links_version, self._routes_version,
+                       MappingProxyType(interfaces), MappingProxyType(gateways))
+        return self._views[2], self._views[3]
 
 
 _ANY: dict[int, Address] = {
