@@ -174,8 +174,11 @@ def measure(subject: str, plan: Plan, workdir: str, log: Callable[[str], None]
             recorder.kill()
         if overflows:
             log(f"userspace: the recorder lost events {overflows} times (ENOBUFS)")
-        for k, started, ended, ports, cpu, opened_in in marks:
-            share, within, latencies = _analyse(events, started, ended, ports, k)
+        for i, (k, started, ended, ports, cpu, opened_in) in enumerate(marks):
+            # A window ends where the next burst begins: that burst may reuse
+            # this one's source ports, and its events would count here.
+            until = min(ended, marks[i + 1][1]) if i + 1 < len(marks) else ended
+            share, within, latencies = _analyse(events, started, until, ports, k)
             results[k].append(Burst(k, share, within, latencies, cpu, opened_in))
     return results
 
