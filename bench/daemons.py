@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -163,7 +162,26 @@ class PyDaemon(Daemon):
             self.process.close()
 
 
-class CDaemon(Daemon):
+class _Child(Daemon):
+    """A daemon the harness runs as a plain child process (no sd_notify)."""
+
+    proc: subprocess.Popen[Any] | None = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _end(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+class CDaemon(_Child):
     """The C mptcpd 0.12 (Debian package), same namespace, same role.
 
     It has no sd_notify: "ready" is whatever the scenario observes (its
@@ -201,22 +219,13 @@ class CDaemon(Daemon):
                                   stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def check_alive(self) -> None:
         if not self.alive():
             raise LabError(f"mptcpd exited with {self.proc.returncode if self.proc else '?'}:"
                            f"\n{self.log_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        self._end()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -229,7 +238,7 @@ class CDaemon(Daemon):
             return ""
 
 
-class BareResponder(Daemon):
+class BareResponder(_Child):
     """``bench/bare_responder.py``: the least any Python daemon does per
     address (a yardstick for the endpoint rows, not a path manager)."""
 
@@ -244,22 +253,12 @@ class BareResponder(Daemon):
     def start(self, *, wait: bool = True) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.proc = self.ns.popen([sys.executable, "-m", "bench.bare_responder", *self.args],
-                                  cwd=root,
-                                  stdin=subprocess.DEVNULL)
+                                  cwd=root, stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def check_alive(self) -> None:
         if not self.alive():
             raise LabError("the bare Python responder exited")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        self._end()
