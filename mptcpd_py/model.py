@@ -32,7 +32,6 @@ from mptcpd_py.netlink.types import (
     RtnlEvent,
 )
 
-_LINK_LOCAL_V4 = ipaddress.ip_network("169.254.0.0/16")
 _ULA = ipaddress.ip_network("fc00::/7")
 RTN_UNICAST = 1
 
@@ -156,11 +155,20 @@ def ineligibility(
     ip = addr.address
     if iface is None:
         return "interface unknown"
-    if ip.is_unspecified or ip.is_multicast:
+    if ip.version == 4:
+        # The same tests as ipaddress's properties, on the int: each property
+        # builds a network comparison, and this runs for every new address.
+        value = int(ip)
+        unspecified, multicast = value == 0, value >> 28 == 0xE
+        loopback, link_local = value >> 24 == 127, value >> 16 == 0xA9FE
+    else:
+        unspecified, multicast = ip.is_unspecified, ip.is_multicast
+        loopback, link_local = ip.is_loopback, ip.is_link_local
+    if unspecified or multicast:
         return "not a unicast address"
-    if cfg.skip_loopback and (iface.loopback or ip.is_loopback):
+    if cfg.skip_loopback and (iface.loopback or loopback):
         return "loopback"
-    if cfg.skip_link_local and (ip.is_link_local or ip in _LINK_LOCAL_V4):
+    if cfg.skip_link_local and link_local:
         return "link-local"
     if cfg.skip_ula and ip.version == 6 and ip in _ULA:
         return "IPv6 unique local address"

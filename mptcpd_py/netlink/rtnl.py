@@ -17,7 +17,7 @@ import ipaddress
 import socket
 import struct
 
-from mptcpd_py.netlink.codec import parse_attrs
+from mptcpd_py.netlink.codec import as_address, parse_attrs
 from mptcpd_py.netlink.socket import (
     NETLINK_ROUTE,
     NLM_F_ACK,
@@ -137,14 +137,22 @@ def decode_address(data: bytes) -> IfAddress:
     raw = local or address
     if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
         raise ValueError("address message without IFA_LOCAL / IFA_ADDRESS")
+    address_flags = _ADDRESS_FLAGS.get(flags)
+    if address_flags is None:  # an enum call per event costs more than the rest
+        address_flags = AddressFlags(flags)
+        if len(_ADDRESS_FLAGS) < 4096:
+            _ADDRESS_FLAGS[flags] = address_flags
     return IfAddress(
         index=index,
-        address=ipaddress.ip_address(bytes(raw)),
+        address=as_address(raw),
         prefixlen=prefixlen,
         scope=scope,
-        flags=AddressFlags(flags),
+        flags=address_flags,
         label=label,
     )
+
+
+_ADDRESS_FLAGS: dict[int, AddressFlags] = {}
 
 
 _ANY: dict[int, bytes] = {int(socket.AF_INET): bytes(4), int(socket.AF_INET6): bytes(16)}

@@ -285,6 +285,11 @@ class Link:
         return bool(self.flags & IFF_LOOPBACK) or self.link_type == ARPHRD_LOOPBACK
 
 
+
+_TENTATIVE_OR_DADFAILED = int(AddressFlags.TENTATIVE | AddressFlags.DADFAILED)
+_DEPRECATED = int(AddressFlags.DEPRECATED)
+
+
 @dataclass(frozen=True, slots=True)
 class IfAddress:
     """An address assigned to an interface."""
@@ -302,11 +307,11 @@ class IfAddress:
 
     @property
     def tentative(self) -> bool:
-        return bool(self.flags & (AddressFlags.TENTATIVE | AddressFlags.DADFAILED))
+        return bool(int(self.flags) & _TENTATIVE_OR_DADFAILED)
 
     @property
     def deprecated(self) -> bool:
-        return bool(self.flags & AddressFlags.DEPRECATED)
+        return bool(int(self.flags) & _DEPRECATED)
 
     @property
     def temporary(self) -> bool:
