@@ -20,14 +20,23 @@ import asyncio
 import ipaddress
 import queue
 import socket
-import struct
 import sys
 import threading
 from collections.abc import Callable
 
 from mptcpd_py.netlink import codec as c
+from mptcpd_py.netlink.codec import _GENL
 from mptcpd_py.netlink.mptcp import resolve_family
+from mptcpd_py.netlink.rtnl import (
+    _IFADDRMSG,
+    IFA_LOCAL,
+    RTM_DELADDR,
+    RTM_NEWADDR,
+    RTNLGRP_IPV4_IFADDR,
+)
+from mptcpd_py.netlink.rtnl import _NLA_HDR as _NLA
 from mptcpd_py.netlink.socket import (
+    _HEADER,
     NETLINK_ADD_MEMBERSHIP,
     NETLINK_GENERIC,
     NLM_F_ACK,
@@ -36,16 +45,23 @@ from mptcpd_py.netlink.socket import (
     SOL_NETLINK,
     NetlinkSocket,
 )
-from mptcpd_py.netlink.types import Address, EndpointFlags
+from mptcpd_py.netlink.types import Address, EndpointFlags, MptcpEventType
 
-RTMGRP_IPV4_IFADDR = 0x10
-RTM_NEWADDR, RTM_DELADDR = 20, 21
-IFA_LOCAL = 2
-_HEADER = struct.Struct("=IHHII")
-_IFADDRMSG = struct.Struct("=BBBBI")
-_NLA = struct.Struct("=HH")
-_GENL = struct.Struct("=BBH")
-EVENT_ESTABLISHED = 2
+
+def _request(family: int, seq: int, cmd: int, *attrs: bytes) -> bytes:
+    """One mptcp_pm request, acked."""
+    payload = c.genl_payload(cmd, c.MPTCP_PM_VERSION, *attrs)
+    return _HEADER.pack(_HEADER.size + len(payload), family, NLM_F_REQUEST | NLM_F_ACK,
+                        seq, 0) + payload
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read and drop what the socket holds (the kernel's answers)."""
+    while True:
+        try:
+            sock.recv(65536)
+        except BlockingIOError:
+            return
 
 
 class BareResponder:
@@ -63,9 +79,7 @@ class BareResponder:
 
     def _message(self, cmd: int, attr: bytes) -> bytes:
         self.seq += 1
-        payload = c.genl_payload(cmd, c.MPTCP_PM_VERSION, attr)
-        return _HEADER.pack(_HEADER.size + len(payload), self.family,
-                            NLM_F_REQUEST | NLM_F_ACK, self.seq, 0) + payload
+        return _request(self.family, self.seq, cmd, attr)
 
     def on_rtnl(self, data: bytes) -> None:
         offset = 0
@@ -96,13 +110,6 @@ class BareResponder:
                 return
             offset += (length + 3) & ~3
 
-    def drain_acks(self) -> None:
-        while True:
-            try:
-                self.genl.recv(65536)
-            except BlockingIOError:
-                return
-
 
 class BareUserspace:
     """ESTABLISHED -> SUBFLOW_CREATE(token, SOURCE id 1 -> peer address:port)."""
@@ -119,7 +126,7 @@ class BareUserspace:
             length = _HEADER.unpack_from(data, offset)[0]
             if length < _HEADER.size:
                 return
-            if data[offset + _HEADER.size] == EVENT_ESTABLISHED:
+            if data[offset + _HEADER.size] == MptcpEventType.ESTABLISHED:
                 attrs = c.parse_attrs(data, offset + _HEADER.size + _GENL.size, offset + length)
                 daddr = attrs.get(c.EV_DADDR4)
                 if daddr is not None and c.EV_SERVER_SIDE not in attrs:
@@ -129,18 +136,11 @@ class BareUserspace:
 
     def _create(self, token: int, remote: Address, port: int) -> None:
         self.seq += 1
-        payload = c.genl_payload(
-            c.CMD_SUBFLOW_CREATE, c.MPTCP_PM_VERSION,
-            c.address_attr(c.ATTR_ADDR, self.source, id=1),
-            c.u32(c.ATTR_TOKEN, token),
-            c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=port))
-        self.genl.send(_HEADER.pack(_HEADER.size + len(payload), self.family,
-                                    NLM_F_REQUEST | NLM_F_ACK, self.seq, 0) + payload)
-        while True:  # the answer is queued by now (the kernel ran it in send)
-            try:
-                self.genl.recv(65536)
-            except BlockingIOError:
-                return
+        self.genl.send(_request(
+            self.family, self.seq, c.CMD_SUBFLOW_CREATE,
+            c.address_attr(c.ATTR_ADDR, self.source, id=1), c.u32(c.ATTR_TOKEN, token),
+            c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=port)))
+        _drain(self.genl)  # the answer is queued by now (the kernel ran it in send)
 
 
 def _netlink(protocol: int, groups: int = 0) -> socket.socket:
@@ -178,11 +178,11 @@ async def endpoints() -> None:
     family, _groups = await resolve_family(resolver, "mptcp_pm")
     resolver.close()
     genl = _netlink(NETLINK_GENERIC)
-    rtnl = _netlink(0, RTMGRP_IPV4_IFADDR)
+    rtnl = _netlink(0, 1 << (RTNLGRP_IPV4_IFADDR - 1))
     responder = BareResponder(genl, family)
     loop = asyncio.get_running_loop()
     loop.add_reader(rtnl.fileno(), _reader(rtnl, responder.on_rtnl))
-    loop.add_reader(genl.fileno(), responder.drain_acks)
+    loop.add_reader(genl.fileno(), _drain, genl)
     await asyncio.Event().wait()
 
 
