@@ -214,10 +214,8 @@ class NetworkModel:
         self._snapshot: NetworkSnapshot | None = None
         self._iface_cache: dict[Link, Interface] = {}
         # Interfaces and gateways of the last snapshot, reused while only
-        # addresses change (the usual event): the links' and routes' versions.
-        self._links_version = 0
-        self._routes_version = 0
-        self._views: tuple[int, int, Mapping[int, Interface],
+        # addresses change (the usual event); None once links or routes did.
+        self._views: tuple[Mapping[int, Interface],
                            Mapping[tuple[int, int], Address]] | None = None
         self._judged: dict[tuple[IfAddress, Interface | None, bool], tuple[str | None, int]] = {}
 
@@ -232,8 +230,7 @@ class NetworkModel:
         if initial and not self.cfg.existing:
             self._ignored_at_start = set(self.addresses)
         self._ignored_at_start &= set(self.addresses)
-        self._links_version += 1
-        self._routes_version += 1
+        self._views = None
         self._changed()
 
     def set_config(self, cfg: NetworkConfig) -> None:
@@ -263,8 +260,7 @@ class NetworkModel:
                 self.links[link.index] = link
                 if old is not None and old.name != link.name:
                     self._devtypes.pop((link.index, old.name), None)
-            self._links_version += 1
-            self._routes_version += 1  # a link's removal took its routes along
+            self._views = None
             self._changed()
             return True
         if isinstance(event, AddressEvent):
@@ -282,7 +278,7 @@ class NetworkModel:
             return True
         if isinstance(event, RouteEvent):
             if self._apply_route(event.route, event.removed):
-                self._routes_version += 1
+                self._views = None
                 self._changed()
                 return True
             return False
@@ -373,10 +369,8 @@ class NetworkModel:
 
     def _interfaces_and_gateways(self) -> tuple[Mapping[int, Interface],
                                                 Mapping[tuple[int, int], Address]]:
-        views = self._views
-        if views is not None and views[0] == self._links_version and \
-                views[1] == self._routes_version:
-            return views[2], views[3]
+        if self._views is not None:
+            return self._views
         interfaces = {index: self._interface(link) for index, link in self.links.items()}
         gateways: dict[tuple[int, int], Address] = {}
         for route in sorted(self.defaults.values(), key=lambda r: r.priority):
@@ -384,9 +378,8 @@ class NetworkModel:
                 gateways.setdefault((route.oif, route.family), route.gateway)
             else:  # a device route (point-to-point): default route, no gateway
                 gateways.setdefault((route.oif, -route.family), _ANY[route.family])
-        self._views = (self._links_version, self._routes_version,
-                       MappingProxyType(interfaces), MappingProxyType(gateways))
-        return self._views[2], self._views[3]
+        self._views = (MappingProxyType(interfaces), MappingProxyType(gateways))
+        return self._views
 
 
 _ANY: dict[int, Address] = {
