@@ -102,6 +102,10 @@ class RawMessage:
     data: bytes  # the whole message, header included
 
 
+def _send_error(command: str, exc: OSError) -> NetlinkError:
+    return NetlinkError(f"{command or 'netlink'}: send failed: {exc.strerror}")
+
+
 class DumpInterrupted(NetlinkError):
     """The kernel's state changed during a dump (NLM_F_DUMP_INTR): dump again."""
 
@@ -309,8 +313,7 @@ class NetlinkSocket:
                 self.sock.send(data)
             except OSError as exc:
                 del self._pending[seq]
-                raise NetlinkError(f"{command or 'netlink'}: send failed: {exc.strerror}"
-                                   ) from exc
+                raise _send_error(command, exc) from exc
         if immediate and not slow:
             # The kernel runs a request inside sendmsg(2): its answer is
             # queued by now. Reading it here saves a trip through the event
@@ -326,8 +329,7 @@ class NetlinkSocket:
     def _send_failed(self, seq: int, exc: OSError) -> None:
         pending = self._pending.get(seq)
         if pending is not None and not pending.future.done():
-            pending.future.set_exception(NetlinkError(
-                f"{pending.command or 'netlink'}: send failed: {exc.strerror}"))
+            pending.future.set_exception(_send_error(pending.command, exc))
 
     def _on_readable(self) -> None:
         self._read_some()
