@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mptcpd_py.lab import Lab, Netns, daemon_config, wait_for
+from mptcpd_py.lab import DaemonProcess, Lab, Netns, daemon_config, wait_for
 
 
 @pytest.fixture
@@ -33,6 +34,15 @@ def plugin_dir(tmp_path: Path, name: str, source: str) -> Path:
     (directory / f"{name}.py").write_text(source)
     os.chmod(directory / f"{name}.py", 0o644)
     return directory
+
+
+def start_with_plugin(box: Netns, daemons: Any, tmp_path: Path, name: str,
+                      source: str) -> DaemonProcess:
+    """A daemon running addr_adv and the plugin ``name`` (from ``source``)."""
+    plugdir = plugin_dir(tmp_path, name, source)
+    cfg = daemon_config(str(tmp_path / "state"), plugins=["addr_adv", name],
+                        plugin_dirs=[str(plugdir)])
+    return daemons(box, cfg).start()
 
 
 NUMBER_PRIORITY = '''
@@ -63,10 +73,7 @@ class Muddled(Plugin):
 def test_a_plain_number_priority_sorts_with_the_shipped_ones(
         box: Netns, daemons, tmp_path: Path) -> None:
     box.ip("addr", "add", "2001:db8::1/64", "dev", "eth0", "nodad")  # keeps a tuple
-    plugdir = plugin_dir(tmp_path, "urgent", NUMBER_PRIORITY)
-    cfg = daemon_config(str(tmp_path / "state"), plugins=["addr_adv", "urgent"],
-                        plugin_dirs=[str(plugdir)])
-    d = daemons(box, cfg).start()
+    d = start_with_plugin(box, daemons, tmp_path, "urgent", NUMBER_PRIORITY)
     wait_for(lambda: {"192.0.2.1", "2001:db8::1"} <= endpoints(box), what="existing")
     box.ip("addr", "add", "198.51.100.1/24", "dev", "eth0")  # an event-driven pass
     wait_for(lambda: "198.51.100.1" in endpoints(box), what="new address")
@@ -76,10 +83,7 @@ def test_a_plain_number_priority_sorts_with_the_shipped_ones(
 
 def test_an_unsortable_priority_is_a_plugin_failure_not_a_dead_daemon(
         box: Netns, daemons, tmp_path: Path) -> None:
-    plugdir = plugin_dir(tmp_path, "muddled", BAD_PRIORITY)
-    cfg = daemon_config(str(tmp_path / "state"), plugins=["addr_adv", "muddled"],
-                        plugin_dirs=[str(plugdir)])
-    d = daemons(box, cfg).start()
+    d = start_with_plugin(box, daemons, tmp_path, "muddled", BAD_PRIORITY)
     line = d.wait_log("plugin failed", plugin="muddled")
     assert "invalid priority ('high',)" in line["error"]
     wait_for(lambda: "192.0.2.1" in endpoints(box), what="addr_adv's endpoint")
@@ -105,10 +109,7 @@ class Slow(Plugin):
 
 def test_sigterm_during_a_reload_stops_without_waiting_for_it(
         box: Netns, daemons, tmp_path: Path) -> None:
-    plugdir = plugin_dir(tmp_path, "slow", SLOW_RELOAD)
-    cfg = daemon_config(str(tmp_path / "state"), plugins=["addr_adv", "slow"],
-                        plugin_dirs=[str(plugdir)])
-    d = daemons(box, cfg).start()
+    d = start_with_plugin(box, daemons, tmp_path, "slow", SLOW_RELOAD)
     wait_for(lambda: "192.0.2.1" in endpoints(box), what="endpoint")
     mark = len(d.messages)
     d.send(signal.SIGHUP)

@@ -64,20 +64,16 @@ def test_userspace_fullmesh_opens_every_local_remote_pair(
     expected = {(c, s) for c in ("192.0.2.1", "198.51.100.1")
                 for s in ("192.0.2.2", "198.51.100.2")}
     wait_for(lambda: pairs() == expected, 10, what=f"4 subflows, have {pairs()}")
-    # A path that goes away and comes back gets its subflows again.
-    tp.client.ip("link", "set", tp.ifnames[1], "down")
-    wait_for(lambda: all(c != "198.51.100.1" for c, _ in pairs()), 10, what="path gone")
-    tp.client.ip("link", "set", tp.ifnames[1], "up")
-    tp.add_default_routes(1, v6=False)
-    wait_for(lambda: pairs() == expected, 10, what=f"subflows back, have {pairs()}")
-    assert len(subflows_by_token(tp.client)[token]) == 4
-    # So does the initial subflow's path (the kernel takes id 0 again).
-    tp.client.ip("link", "set", tp.ifnames[0], "down")
-    wait_for(lambda: all(c != "192.0.2.1" for c, _ in pairs()), 10, what="initial path gone")
-    tp.client.ip("link", "set", tp.ifnames[0], "up")
-    tp.add_default_routes(0, v6=False)
-    wait_for(lambda: pairs() == expected, 10, what=f"initial path back, have {pairs()}")
-    assert len(subflows_by_token(tp.client)[token]) == 4
+    # A path that goes away and comes back gets its subflows again; so does
+    # the initial subflow's path (the kernel takes id 0 again).
+    for index, local, path in ((1, "198.51.100.1", "path"), (0, "192.0.2.1", "initial path")):
+        tp.client.ip("link", "set", tp.ifnames[index], "down")
+        wait_for(lambda local=local: all(c != local for c, _ in pairs()), 10,
+                 what=f"{path} gone")
+        tp.client.ip("link", "set", tp.ifnames[index], "up")
+        tp.add_default_routes(index, v6=False)
+        wait_for(lambda: pairs() == expected, 10, what=f"{path} back, have {pairs()}")
+        assert len(subflows_by_token(tp.client)[token]) == 4
     pair.server.sendall(b" still here")
     assert read_exactly(pair.client, 13) == b"go still here"
     pair.close()
