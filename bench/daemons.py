@@ -18,7 +18,7 @@ import time
 from importlib import resources
 from typing import Any
 
-from mptcpd_py.lab import DaemonProcess, LabError, Netns
+from mptcpd_py.lab import DaemonProcess, LabError, Netns, read_log, rss_kib
 
 MPTCPD_BINARY = "/usr/libexec/mptcpd"
 MPTCPD_PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu/mptcpd", "/usr/lib/mptcpd",
@@ -39,14 +39,6 @@ def sched_runtime_ns(pid: int) -> int:
         except OSError:
             continue  # a thread that just ended
     return int(total * 1_000_000)
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def mptcpd_available() -> bool:
@@ -231,11 +223,7 @@ class CDaemon(_Child):
             self._log = None
 
     def log_text(self) -> str:
-        try:
-            with open(self.log_path) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
 
 class BareResponder(_Child):

@@ -227,6 +227,15 @@ def rss_kib(pid: int) -> int:
     raise LabError(f"no VmRSS for pid {pid}")
 
 
+def read_log(path: str) -> str:
+    """A log file's text; "" before the process has written one."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01,
              what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy, or raise."""
@@ -471,11 +480,7 @@ class DaemonProcess:
             self._log_file = None
 
     def log_text(self) -> str:
-        try:
-            with open(self.log_path) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def logs(self) -> list[dict[str, Any]]:
         out = []

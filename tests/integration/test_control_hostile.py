@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from mptcpd_py.control import encode_request
-from mptcpd_py.lab import DaemonProcess, Lab, daemon_config, run_ctl, wait_for
+from mptcpd_py.lab import DaemonProcess, Lab, daemon_config, rss_kib, run_ctl, wait_for
 from mptcpd_py.netns import in_netns
 from mptcpd_py.state import StateStore
 
@@ -147,10 +147,7 @@ class Target:
         return done.stdout
 
     def rss(self) -> int:
-        for line in Path(f"/proc/{self.daemon.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+        return rss_kib(self.daemon.pid) * 1024
 
     def client(self, *, bind: bool = True, connect: bool = True) -> socket.socket:
         """A datagram socket made inside the namespace (abstract addresses
