@@ -127,14 +127,16 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
 class JsonLineRenderer:
     """Timestamp, traceback policy and JSON in one step. Every log line of
     an endpoint change sits on the event path, where the daemon wakes with
-    cold caches: one function touched instead of three processors and the
-    datetime machinery halves a line's cost there (measured, bench/README)."""
+    cold caches (two lines per address add + delete measured 0.17 ms of CPU
+    there): one function touched instead of three processors and the
+    datetime machinery."""
 
     def __init__(self, keep_traceback: bool = False) -> None:
-        self.keep_traceback = keep_traceback
         self._second = -1
         self._prefix = ""
-        self._exc_info = structlog.processors.format_exc_info
+        # Debug renders tracebacks; otherwise errors stay one line.
+        self._traceback = structlog.processors.format_exc_info if keep_traceback \
+            else _drop_traceback
 
     def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
         now = time.time()
@@ -144,11 +146,7 @@ class JsonLineRenderer:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
         event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}"
         if "exc_info" in event_dict or "exception" in event_dict:
-            if self.keep_traceback:
-                event_dict = self._exc_info(logger, method, event_dict)
-            else:
-                event_dict.pop("exc_info", None)
-                event_dict.pop("exception", None)
+            event_dict = self._traceback(logger, method, event_dict)
         return json.dumps(event_dict, default=str)
 
 
