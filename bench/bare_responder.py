@@ -4,9 +4,13 @@
 RTM_DELADDR -> DEL_ADDR from a thread (the kernel waits for an RCU grace
 period there).
 
-``python -m bench.bare_responder userspace SOURCE``: each MPTCP ESTABLISHED
-event -> SUBFLOW_CREATE from SOURCE to the connection's peer, answer read at
-once (userspace path manager).
+``python -m bench.bare_responder userspace SOURCE [SENDS]``: each MPTCP
+ESTABLISHED event -> SUBFLOW_CREATE from SOURCE to the connection's peer,
+answer read at once (userspace path manager). On SIGTERM it writes to SENDS
+one line per SUBFLOW_CREATE: when its sendmsg(2) began and how long it took
+(ns, CLOCK_MONOTONIC). The kernel opens the subflow inside that call (over
+veth even the handshake runs there), so those times are the kernel's share
+of each connection: the benchmark derives the floor of the latency from them.
 
 No policy, no state file, no logs, no checks: it answers how close to a C
 daemon, or to a target, *any* asyncio daemon gets on this machine. The
@@ -19,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import queue
+import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from mptcpd_py.netlink import codec as c
@@ -119,6 +125,7 @@ class BareUserspace:
         self.family = family
         self.source = ipaddress.ip_address(source)
         self.seq = 0
+        self.sends: list[tuple[int, int]] = []  # (start, duration) of each SUBFLOW_CREATE
 
     def on_events(self, data: bytes) -> None:
         offset = 0
@@ -136,10 +143,13 @@ class BareUserspace:
 
     def _create(self, token: int, remote: Address, port: int) -> None:
         self.seq += 1
-        self.genl.send(_request(
+        request = _request(
             self.family, self.seq, c.CMD_SUBFLOW_CREATE,
             c.address_attr(c.ATTR_ADDR, self.source, id=1), c.u32(c.ATTR_TOKEN, token),
-            c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=port)))
+            c.address_attr(c.ATTR_ADDR_REMOTE, remote, port=port))
+        started = time.monotonic_ns()
+        self.genl.send(request)
+        self.sends.append((started, time.monotonic_ns() - started))
         _drain(self.genl)  # the answer is queued by now (the kernel ran it in send)
 
 
@@ -161,7 +171,13 @@ def _reader(sock: socket.socket, handle: Callable[[bytes], None]) -> Callable[[]
     return read
 
 
-async def userspace(source: str) -> None:
+async def _until_sigterm() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+
+
+async def userspace(source: str, sends_path: str | None) -> None:
     resolver = NetlinkSocket(NETLINK_GENERIC)
     family, groups = await resolve_family(resolver, "mptcp_pm")
     resolver.close()
@@ -170,7 +186,10 @@ async def userspace(source: str) -> None:
     events.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, groups[c.GROUP_EVENTS])
     responder = BareUserspace(_netlink(NETLINK_GENERIC), family, source)
     asyncio.get_running_loop().add_reader(events.fileno(), _reader(events, responder.on_events))
-    await asyncio.Event().wait()
+    await _until_sigterm()
+    if sends_path is not None:
+        with open(sends_path, "w") as f:
+            f.writelines(f"{start} {duration}\n" for start, duration in responder.sends)
 
 
 async def endpoints() -> None:
@@ -183,11 +202,11 @@ async def endpoints() -> None:
     loop = asyncio.get_running_loop()
     loop.add_reader(rtnl.fileno(), _reader(rtnl, responder.on_rtnl))
     loop.add_reader(genl.fileno(), _drain, genl)
-    await asyncio.Event().wait()
+    await _until_sigterm()
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["userspace"]:
-        asyncio.run(userspace(sys.argv[2]))
+        asyncio.run(userspace(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))
     else:
         asyncio.run(endpoints())
