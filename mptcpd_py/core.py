@@ -41,6 +41,7 @@ from mptcpd_py.netlink.types import (
     EndpointFlags,
     LinkEvent,
     MptcpEvent,
+    MptcpEventType,
     ResyncNeeded,
     RouteEvent,
     RtnlEvent,
@@ -304,7 +305,7 @@ class Core:
                 else:
                     await self._rebuild_connections(superseded)
                 continue
-            kind = event.type.name.lower() if hasattr(event.type, "name") else str(event.type)
+            kind = _EVENT_KINDS.get(event.type) or str(event.type)
             self.stats.events[f"mptcp_{kind}"] += 1
             if self.monitor.subscribers:
                 fields = _event_fields(event)
@@ -652,6 +653,10 @@ def _describe(event: RtnlEvent) -> str:
         state = "removed" if event.removed else ("up" if event.link.running else "down")
         return f"link {event.link.name} {state}"
     return f"route {event.route.dst} {'removed' if event.removed else 'added'}"
+
+
+#: an event's type as stats, the monitor and logs name it (an unknown one: its number)
+_EVENT_KINDS: dict[object, str] = {t: t.name.lower() for t in MptcpEventType}
 
 
 def _event_fields(event: Any) -> dict[str, Any]:

@@ -194,3 +194,11 @@ def _drop_traceback(
 
 def get_logger(**context: Any) -> Any:
     return structlog.get_logger("mptcpd-py").bind(**context)
+
+
+def debug_enabled(log: Any) -> bool:
+    """Whether ``log`` writes debug lines, so that a hot path can skip
+    building what only those lines show. A logger that cannot tell says yes."""
+    if getattr(type(log), "is_enabled_for", None) is None:
+        return True
+    return bool(log.is_enabled_for(LEVELS["debug"]))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from mptcpd_py.connections import ConnectionRecord, ConnectionTable
 from mptcpd_py.errors import KernelError, NotConnected
+from mptcpd_py.logging import debug_enabled
 from mptcpd_py.model import NetworkSnapshot
 from mptcpd_py.netlink.types import (
     AddressAnnounced,
@@ -58,6 +59,7 @@ class UserspacePM:
         self.core = core
         self.table: ConnectionTable = core.connections
         self.log = core.log
+        self._debug = debug_enabled(self.log)
         self.actions_done = 0
         self.actions_failed = 0
         self._kept_last: set[int] = set()  # tokens whose last subflow sits on a dead path
@@ -71,6 +73,7 @@ class UserspacePM:
 
     def config_changed(self) -> None:
         self.log = self.core.log
+        self._debug = debug_enabled(self.log)
 
     async def resync(self, superseded: Sequence[MptcpEvent] = ()) -> None:
         """Rebuild the table from sock_diag (``superseded``: the events
@@ -185,10 +188,9 @@ class UserspacePM:
 
     def _invalid(self, actions: list[Action], rec: ConnectionRecord, net: NetworkSnapshot
                  ) -> str:
-        local_addresses = {a.address for a in net.addresses}
         for action in actions:
             if action.kind in ("announce", "create_subflow") and \
-                    action.local not in local_addresses:
+                    action.local not in net.local_addresses:
                 return f"{action.kind}: {action.local} is not an address of this host"
             if action.kind == "create_subflow":
                 assert action.local is not None and action.remote is not None
@@ -220,10 +222,10 @@ class UserspacePM:
                 now = time.monotonic()
                 if any((s.local, s.remote, s.remote_port) == pair for s in rec.subflows.values()):
                     return
-                if rec.pending.get(pair, 0.0) > now:
+                # Both are empty for nearly every connection: no tuple hashed then.
+                if rec.pending and rec.pending.get(pair, 0.0) > now:
                     return
-                _failures, not_before = rec.backoff.get(pair, (0, 0.0))
-                if not_before > now:
+                if rec.backoff and rec.backoff.get(pair, (0, 0.0))[1] > now:
                     return
                 local_id = rec.local_id(action.local)
                 cand = net.candidate(action.local)
@@ -295,11 +297,14 @@ class UserspacePM:
                     local=str(action.local), remote=str(action.remote), error=str(exc))
             return
         self.actions_done += 1
+        if not (self._debug or self.core.monitor.subscribers):
+            return  # nobody reads the lines below: skip formatting the addresses
+        local, remote = str(action.local), str(action.remote)
         self.log.debug(action.kind.replace("_", " "), token=token, plugin=action.plugin,
-                       local=str(action.local), remote=str(action.remote), reason=action.reason)
+                       local=local, remote=remote, reason=action.reason)
         publish("action", action=action.kind, token=token, plugin=action.plugin,
-                local=str(action.local), remote=str(action.remote),
-                remote_port=action.remote_port, backup=action.backup, reason=action.reason)
+                local=local, remote=remote, remote_port=action.remote_port,
+                backup=action.backup, reason=action.reason)
 
 
 def _errno_name(code: int) -> str:

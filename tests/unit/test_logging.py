@@ -48,3 +48,23 @@ def test_auto_format_is_json_off_a_tty_and_console_on_one() -> None:
             return True
     assert mlog.choose_format("auto", io.StringIO()) == "json"
     assert mlog.choose_format("auto", Tty()) == "console"
+
+
+def test_debug_enabled_follows_the_configured_level() -> None:
+    """Hot paths skip formatting what only debug lines show: they must
+    still show it when the level is debug (and the level may change on reload)."""
+    try:
+        mlog.configure("info", "json", stream=io.StringIO())
+        assert not mlog.debug_enabled(mlog.get_logger(plugin="x"))
+        mlog.configure("debug", "json", stream=io.StringIO())
+        assert mlog.debug_enabled(mlog.get_logger(plugin="x"))
+    finally:
+        structlog.reset_defaults()
+
+
+def test_a_logger_that_cannot_tell_its_level_counts_as_debug() -> None:
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *args, **kwargs: None
+
+    assert mlog.debug_enabled(Recording())
