@@ -147,16 +147,13 @@ class ConnectionTable:
             pair = (event.saddr, event.daddr, event.dport)
             if event.type == MptcpEventType.SUB_CLOSED:
                 rec.subflows.pop(key, None)
-                if rec.pending:
-                    rec.pending.pop(pair, None)
+                rec.pending.pop(pair, None)
             else:
                 rec.subflows[key] = Subflow(event.saddr, event.sport, event.daddr, event.dport,
                                             event.local_id, event.remote_id, event.backup,
                                             event.ifindex)
-                if rec.pending:
-                    rec.pending.pop(pair, None)
-                if rec.backoff:
-                    rec.backoff.pop(pair, None)
+                rec.pending.pop(pair, None)
+                rec.backoff.pop(pair, None)
                 if event.saddr not in rec.local_ids:
                     rec.local_ids[event.saddr] = event.local_id
             rec.changed()

@@ -222,10 +222,10 @@ class UserspacePM:
                 now = time.monotonic()
                 if any((s.local, s.remote, s.remote_port) == pair for s in rec.subflows.values()):
                     return
-                # Both are empty for nearly every connection: no tuple hashed then.
-                if rec.pending and rec.pending.get(pair, 0.0) > now:
+                if rec.pending.get(pair, 0.0) > now:
                     return
-                if rec.backoff and rec.backoff.get(pair, (0, 0.0))[1] > now:
+                _failures, not_before = rec.backoff.get(pair, (0, 0.0))
+                if not_before > now:
                     return
                 local_id = rec.local_id(action.local)
                 cand = net.candidate(action.local)
