@@ -15,6 +15,7 @@ No namespace, no root: it never opens a socket.
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
 import socket
 import struct
@@ -24,11 +25,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import structlog
-
 from mptcpd_py.config import parse_config
 from mptcpd_py.core import Core
 from mptcpd_py.loader import discover, schemas
+from mptcpd_py.logging import configure
 from mptcpd_py.netlink import codec as c
 from mptcpd_py.netlink.mptcp import decode_event
 from mptcpd_py.netlink.socket import _HEADER
@@ -66,8 +66,7 @@ def two_interface_core() -> tuple[Core, AnsweringPM]:
     config = parse_config(
         f'[daemon]\nplugins = ["sspi"]\nstate_dir = "{tempfile.mkdtemp()}"\n'
         '[kernel]\npath_manager = "userspace"\n', "<hotpath>", schemas(available))
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(20),
-                        logger_factory=structlog.ReturnLoggerFactory())
+    configure("info", "json", io.StringIO())  # the daemon's logging; lines kept off the terminal
     core = Core(config, available)
     core._instantiate_plugins(config, available)
     default = ipaddress.ip_network("0.0.0.0/0")
@@ -93,13 +92,12 @@ def _event(cmd: MptcpEventType, *attrs: bytes) -> bytes:
 
 
 def connection_events(token: int, port: int) -> list[bytes]:
-    def attr(kind: int, value: bytes) -> bytes:
-        return c.nla(kind, value)
-    common = (c.u32(c.EV_TOKEN, token), c.u16(c.EV_FAMILY, socket.AF_INET))
-    initial = (*common, attr(c.EV_SADDR4, FIRST.packed), attr(c.EV_DADDR4, PEER.packed),
-               attr(c.EV_SPORT, struct.pack(">H", port)), attr(c.EV_DPORT, b"\x01\xbb"))
-    second = (*common, attr(c.EV_SADDR4, SECOND.packed), attr(c.EV_DADDR4, PEER.packed),
-              attr(c.EV_SPORT, struct.pack(">H", port + 1)), attr(c.EV_DPORT, b"\x01\xbb"),
+    def be16(kind: int, value: int) -> bytes:
+        return c.nla(kind, struct.pack(">H", value))
+    common = (c.u32(c.EV_TOKEN, token), c.u16(c.EV_FAMILY, socket.AF_INET),
+              c.nla(c.EV_DADDR4, PEER.packed), be16(c.EV_DPORT, 443))
+    initial = (*common, c.nla(c.EV_SADDR4, FIRST.packed), be16(c.EV_SPORT, port))
+    second = (*common, c.nla(c.EV_SADDR4, SECOND.packed), be16(c.EV_SPORT, port + 1),
               c.u8(c.EV_LOC_ID, 1), c.u8(c.EV_REM_ID, 0))
     return [_event(MptcpEventType.CREATED, *initial),
             _event(MptcpEventType.ESTABLISHED, *initial),
