@@ -37,6 +37,13 @@ def client_token(tp: TwoPaths, local_port: int) -> int:
     return token
 
 
+def carried(tp: TwoPaths, seconds: float = 1.5) -> dict[str, int]:
+    """Bytes each client interface sent over the next ``seconds``."""
+    before = {i: tp.client.link_bytes(i)[1] for i in tp.ifnames}
+    time.sleep(seconds)
+    return {i: tp.client.link_bytes(i)[1] - before[i] for i in tp.ifnames}
+
+
 def read_exactly(sock: socket.socket, size: int) -> bytes:
     """``size`` bytes from a socket with a timeout (mptcp_connect sets 5 s)."""
     received = b""
@@ -219,27 +226,23 @@ def test_backup_cellular_carries_data_only_when_the_primary_is_down(
                              for r in tp.client.endpoints()), what="wwan0 backup endpoint")
     transfer = BulkTransfer(tp.client, tp.server, tp.server_addr(0)).start()
 
-    def carried(seconds: float = 1.5) -> dict[str, int]:
-        before = {i: tp.client.link_bytes(i)[1] for i in tp.ifnames}
-        time.sleep(seconds)
-        return {i: tp.client.link_bytes(i)[1] - before[i] for i in tp.ifnames}
     try:
         wait_for(lambda: any(s.backup and str(s.local) == "198.51.100.1"
                              for subs in subflows_by_token(tp.client).values() for s in subs),
                  10, what="backup subflow over wwan0")
         time.sleep(0.5)
-        primary = carried()
+        primary = carried(tp)
         assert primary["eth0"] > 2_000_000 and primary["wwan0"] < 100_000, primary
         tp.client.ip("link", "set", "eth0", "down")
         time.sleep(0.5)
-        cellular = carried()
+        cellular = carried(tp)
         assert cellular["wwan0"] > 1_000_000, cellular
         assert transfer.alive()
         tp.client.ip("link", "set", "eth0", "up")
         tp.add_default_routes(0, v6=False)
-        wait_for(lambda: carried(0.5)["eth0"] > 300_000, 10, what="traffic back on eth0")
+        wait_for(lambda: carried(tp, 0.5)["eth0"] > 300_000, 10, what="traffic back on eth0")
         time.sleep(0.5)
-        back = carried()
+        back = carried(tp)
         assert back["eth0"] > 2_000_000 and back["wwan0"] < 100_000, back
         assert transfer.alive(), transfer.error
     finally:
@@ -262,11 +265,6 @@ def test_backup_cellular_sets_an_initial_subflow_over_cellular_backup_once_a_bet
                                          extra=USERSPACE)).start()
     transfer = BulkTransfer(tp.client, tp.server, tp.server_addr(1)).start()
 
-    def carried(seconds: float = 1.5) -> dict[str, int]:
-        before = {i: tp.client.link_bytes(i)[1] for i in tp.ifnames}
-        time.sleep(seconds)
-        return {i: tp.client.link_bytes(i)[1] - before[i] for i in tp.ifnames}
-
     def subflows() -> list[Any]:
         return [s for subs in subflows_by_token(tp.client).values() for s in subs]
     try:
@@ -281,17 +279,17 @@ def test_backup_cellular_sets_an_initial_subflow_over_cellular_backup_once_a_bet
         wait_for(lambda: all(s.backup == (str(s.local) == "198.51.100.1")
                              for s in subflows()), 10,
                  what=f"the initial wwan0 subflow backup, have {subflows()}")
-        wait_for(lambda: carried(0.5)["wwan0"] < 30_000, 10, what="wwan0 idle")
-        primary = carried()
+        wait_for(lambda: carried(tp, 0.5)["wwan0"] < 30_000, 10, what="wwan0 idle")
+        primary = carried(tp)
         assert primary["eth0"] > 2_000_000 and primary["wwan0"] < 100_000, primary
         tp.client.ip("link", "set", "eth0", "down")
-        wait_for(lambda: carried(0.5)["wwan0"] > 300_000, 10, what="traffic on wwan0")
-        cellular = carried()  # backup, and the only path left: it carries the data
+        wait_for(lambda: carried(tp, 0.5)["wwan0"] > 300_000, 10, what="traffic on wwan0")
+        cellular = carried(tp)  # backup, and the only path left: it carries the data
         assert cellular["wwan0"] > 1_000_000, cellular
         tp.client.ip("link", "set", "eth0", "up")
         tp.add_default_routes(0, v6=False)
-        wait_for(lambda: carried(0.5)["wwan0"] < 30_000, 10, what="wwan0 idle again")
-        back = carried()
+        wait_for(lambda: carried(tp, 0.5)["wwan0"] < 30_000, 10, what="wwan0 idle again")
+        back = carried(tp)
         assert back["eth0"] > 2_000_000 and back["wwan0"] < 100_000, back
         assert transfer.alive(), transfer.error
     finally:
