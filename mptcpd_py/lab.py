@@ -64,6 +64,13 @@ class Netns:
     def ip(self, *args: str, check: bool = True) -> str:
         return _run(["ip", "-n", self.name, *args], check=check)
 
+    def stub_link(self, name: str) -> None:
+        """An interface that is up, with a carrier, and leads nowhere: a veth
+        whose peer (``name`` + "p") stays here too (this kernel has no dummy)."""
+        self.ip("link", "add", name, "type", "veth", "peer", "name", f"{name}p")
+        self.ip("link", "set", f"{name}p", "up")
+        self.ip("link", "set", name, "up")
+
     def ip_json(self, *args: str) -> Any:
         out = _run(["ip", "-n", self.name, "-j", *args])
         return json.loads(out) if out.strip() else []

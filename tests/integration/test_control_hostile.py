@@ -109,9 +109,7 @@ class Target:
     def __init__(self, lab: Lab, daemons: Any, tmp_path: Path) -> None:
         self.ns = lab.netns("hostile")
         for i, name in enumerate(("eth0", "eth1")):
-            self.ns.ip("link", "add", name, "type", "veth", "peer", "name", f"{name}p")
-            self.ns.ip("link", "set", f"{name}p", "up")
-            self.ns.ip("link", "set", name, "up")
+            self.ns.stub_link(name)
             self.ns.ip("addr", "add", f"{('192.0.2', '198.51.100')[i]}.1/24", "dev", name)
             self.ns.ip("route", "add", "default", "via", f"{('192.0.2', '198.51.100')[i]}.254",
                        "dev", name, "metric", str(100 + i))

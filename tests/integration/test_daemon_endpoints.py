@@ -27,12 +27,6 @@ from mptcpd_py.netlink.mptcp import MptcpPM
 A = ipaddress.ip_address
 
 
-def eth(ns: Netns, name: str = "eth0") -> None:
-    ns.ip("link", "add", name, "type", "veth", "peer", "name", f"{name}p")
-    ns.ip("link", "set", f"{name}p", "up")
-    ns.ip("link", "set", name, "up")
-
-
 def _children(pid: int) -> list[int]:
     """The process and its descendants (ip netns exec may fork); a process
     that exits while it is being read is skipped."""
@@ -69,8 +63,8 @@ def endpoints(ns: Netns) -> dict[str, dict]:
 @pytest.fixture
 def box(lab: Lab) -> Netns:
     ns = lab.netns("box")
-    eth(ns, "eth0")
-    eth(ns, "eth1")
+    ns.stub_link("eth0")
+    ns.stub_link("eth1")
     ns.ip("addr", "add", "192.0.2.1/24", "dev", "eth0")
     # An admin's own endpoint, made before the daemon: it must survive everything.
     ns.ip("mptcp", "endpoint", "add", "203.0.113.99", "id", "99", "signal")
@@ -270,7 +264,7 @@ def test_source_routes_spare_rules_and_tables_the_admin_made(
         box: Netns, daemons, tmp_path: Path) -> None:
     """An admin's rule and table routes survive the daemon's whole life, even
     when they are exactly what the daemon would have added itself."""
-    eth(box, "eth2")
+    box.stub_link("eth2")
     box.ip("addr", "add", "198.51.100.1/24", "dev", "eth2")
     box.ip("route", "add", "default", "via", "192.0.2.254", "dev", "eth0")
     box.ip("route", "add", "default", "via", "198.51.100.254", "dev", "eth2", "metric", "10")

@@ -16,9 +16,7 @@ from mptcpd_py.lab import DaemonProcess, Lab, Netns, daemon_config, wait_for
 @pytest.fixture
 def box(lab: Lab) -> Netns:
     ns = lab.netns("life")
-    ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
-    ns.ip("link", "set", "eth0p", "up")
-    ns.ip("link", "set", "eth0", "up")
+    ns.stub_link("eth0")
     ns.ip("addr", "add", "192.0.2.1/24", "dev", "eth0")
     return ns
 

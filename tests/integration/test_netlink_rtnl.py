@@ -26,9 +26,7 @@ async def wait_event(events: RtnlEvents, match: Callable[[Any], bool]) -> Any:
 
 async def test_dumps_show_links_addresses_and_default_routes(lab: Lab) -> None:
     ns = lab.netns("d")
-    ns.ip("link", "add", "wan0", "type", "veth", "peer", "name", "wan0p")
-    ns.ip("link", "set", "wan0", "up")
-    ns.ip("link", "set", "wan0p", "up")
+    ns.stub_link("wan0")
     ns.ip("addr", "add", "192.0.2.1/24", "dev", "wan0")
     ns.ip("addr", "add", "2001:db8::1/64", "dev", "wan0", "nodad")
     ns.ip("route", "add", "default", "via", "192.0.2.254", "dev", "wan0")

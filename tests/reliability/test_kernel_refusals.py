@@ -46,9 +46,7 @@ USERSPACE = '[kernel]\npath_manager = "userspace"\n'
 def box(lab: Lab) -> Netns:
     """box: one namespace, eth0 (192.0.2.1/24) up; depends on ``lab``."""
     ns = lab.netns("refuse")
-    ns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
-    ns.ip("link", "set", "eth0p", "up")
-    ns.ip("link", "set", "eth0", "up")
+    ns.stub_link("eth0")
     ns.ip("addr", "add", "192.0.2.1/24", "dev", "eth0")
     return ns
 
