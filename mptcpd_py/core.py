@@ -196,7 +196,7 @@ class Core:
         self._instantiate_plugins(cfg, self.available)
         self.reconciler = EndpointReconciler(
             self.pm, self.store, self.log, kept_flags=self.caps.kept_flags,
-            on_operation=self._on_operation, ifname_of=self._ifname,
+            on_operation=self._on_operation, ifname_of=self.ifname,
         )
         self.routing = SourceRouting(self.rtnl, self.store, self.log)
         if cfg.kernel.path_manager == "userspace":
@@ -253,7 +253,8 @@ class Core:
         )
         self.model.load(links, addresses, routes, initial=initial)
 
-    def _ifname(self, index: int) -> str:
+    def ifname(self, index: int) -> str:
+        """The interface's name, or "" for one the model does not know."""
         link = self.model.links.get(index)
         return link.name if link else ""
 
@@ -310,7 +311,7 @@ class Core:
             if self.monitor.subscribers:
                 fields = _event_fields(event)
                 if fields.get("ifindex"):
-                    fields["ifname"] = self._ifname(fields["ifindex"])
+                    fields["ifname"] = self.ifname(fields["ifindex"])
                 self.monitor.publish("mptcp", event=kind, **fields)
             if self.userspace is None:
                 self.connections.apply(event)
@@ -334,7 +335,7 @@ class Core:
         if isinstance(event, AddressEvent):
             self.monitor.publish("address", action="removed" if event.removed else "added",
                                  addr=str(event.address.address),
-                                 ifname=self._ifname(event.address.index))
+                                 ifname=self.ifname(event.address.index))
         elif isinstance(event, LinkEvent):
             self.monitor.publish("link", action="removed" if event.removed else "changed",
                                  ifname=event.link.name, up=event.link.up,
@@ -342,7 +343,7 @@ class Core:
         elif isinstance(event, RouteEvent):
             self.monitor.publish("route", action="removed" if event.removed else "added",
                                  dst=str(event.route.dst), gateway=str(event.route.gateway),
-                                 ifname=self._ifname(event.route.oif))
+                                 ifname=self.ifname(event.route.oif))
 
     def request_reconcile(self, reason: str | RtnlEvent, full: bool = False, *,
                           kick: bool = True) -> None:
@@ -530,13 +531,13 @@ class Core:
             if intent.key in self._waiting:
                 continue
             self.log.info("endpoint waiting for a slot", addr=str(intent.address),
-                          ifname=self._ifname(intent.ifindex), plugin=intent.plugin)
+                          ifname=self.ifname(intent.ifindex), plugin=intent.plugin)
             if self.monitor.subscribers:
                 why = "deleted by someone else again and again: not restored for now" \
                     if intent.key in contested else "no free endpoint slot"
                 self.monitor.publish(
                     "endpoint", action="wait", addr=str(intent.address), endpoint_id=None,
-                    flags=str(intent.flags), ifname=self._ifname(intent.ifindex),
+                    flags=str(intent.flags), ifname=self.ifname(intent.ifindex),
                     plugin=intent.plugin, reason=intent.reason, error=why,
                     trigger=self._trigger())
         self._waiting = {intent.key for intent in waiting}
@@ -546,7 +547,7 @@ class Core:
         if self.monitor.subscribers:
             self.monitor.publish(
                 "endpoint", action=op.kind, addr=str(rec.address), endpoint_id=rec.id,
-                flags=str(rec.flags), ifname=self._ifname(rec.ifindex), plugin=rec.plugin,
+                flags=str(rec.flags), ifname=self.ifname(rec.ifindex), plugin=rec.plugin,
                 reason=op.reason, error=error, trigger=self._trigger(),
             )
         if error:

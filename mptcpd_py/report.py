@@ -98,11 +98,6 @@ async def read_kernel(core: Core, *, endpoints: bool = True, limits: bool = True
 # ---------------------------------------------------------------- endpoints
 
 
-def _ifname(core: Core, index: int) -> str:
-    link = core.model.links.get(index)
-    return link.name if link is not None else ""
-
-
 def _flags(flags: EndpointFlags) -> list[str]:
     return list(EndpointFlags(flags).names)
 
@@ -120,7 +115,7 @@ def endpoint_rows(core: Core, observed: list[Endpoint]) -> list[dict[str, Any]]:
         intent = desired.get(ep.key)
         row: dict[str, Any] = {"id": ep.id, "address": str(ep.address), "port": ep.port,
                "flags": _flags(ep.flags), "ifindex": ep.ifindex,
-               "ifname": _ifname(core, ep.ifindex) if ep.ifindex else "",
+               "ifname": core.ifname(ep.ifindex) if ep.ifindex else "",
                "state": "owned" if ep.id in ours else "foreign",
                "plugin": "", "reason": ""}
         if ep.id in ours:
@@ -143,7 +138,7 @@ def endpoint_rows(core: Core, observed: list[Endpoint]) -> list[dict[str, Any]]:
     for rec in gone:
         rows.append({"id": rec.id, "address": str(rec.address), "port": rec.port,
                      "flags": _flags(rec.flags), "ifindex": rec.ifindex,
-                     "ifname": _ifname(core, rec.ifindex), "state": "missing",
+                     "ifname": core.ifname(rec.ifindex), "state": "missing",
                      "plugin": rec.plugin,
                      "reason": "deleted outside mptcpd-py; restored at the next resync"})
     waiting = reconciler.last_plan.waiting if reconciler is not None else ()
@@ -156,7 +151,7 @@ def endpoint_rows(core: Core, observed: list[Endpoint]) -> list[dict[str, Any]]:
                f"no free slot (the in-kernel path manager holds {MAX_ENDPOINTS})")
         rows.append({"id": None, "address": str(intent.address), "port": intent.port,
                      "flags": _flags(intent.flags), "ifindex": intent.ifindex,
-                     "ifname": _ifname(core, intent.ifindex), "state": "waiting",
+                     "ifname": core.ifname(intent.ifindex), "state": "waiting",
                      "plugin": intent.plugin, "reason": f"{why}; {intent.reason}".rstrip("; ")})
     return rows
 
@@ -178,7 +173,7 @@ def connection_rows(core: Core, subflows: list[DiagSubflow],
     holder = {address: index for (index, address) in core.model.addresses}
 
     def interface_of(address: Address, ifindex: int) -> str:
-        return _ifname(core, ifindex) or _ifname(core, holder.get(address, 0))
+        return core.ifname(ifindex) or core.ifname(holder.get(address, 0))
 
     by_token: dict[int, list[DiagSubflow]] = {}
     for sub in subflows:
