@@ -193,18 +193,23 @@ async def call(path: str, command: str, patience: float = DEFAULT_TIMEOUT,
     """One request, its result (or CtlFailure)."""
     client = await connect(path)
     try:
-        request_id = random.randrange(1, 2**31)
-        try:
-            await client.send(encode_request(command, request_id, args))
-        except (ConnectionError, OSError) as exc:
-            raise CtlFailure(f"the daemon is not running ({exc.strerror or exc})",
-                             EX_UNAVAILABLE) from None
-        reply = await _receive(client, request_id, patience, command)
-        if not reply.get("ok"):
-            raise _failure(reply.get("error"))
-        return reply.get("result")
+        return await _ask(client, command, random.randrange(1, 2**31), patience, args)
     finally:
         client.close()
+
+
+async def _ask(client: Any, command: str, request_id: int, patience: float,
+               args: dict[str, Any] | None = None) -> Any:
+    """Send one request on ``client`` and return its result (or CtlFailure)."""
+    try:
+        await client.send(encode_request(command, request_id, args))
+    except (ConnectionError, OSError) as exc:
+        raise CtlFailure(f"the daemon is not running ({exc.strerror or exc})",
+                         EX_UNAVAILABLE) from None
+    reply = await _receive(client, request_id, patience, command)
+    if not reply.get("ok"):
+        raise _failure(reply.get("error"))
+    return reply.get("result")
 
 
 async def monitor(path: str, *, as_json: bool = False,
@@ -221,15 +226,8 @@ async def monitor(path: str, *, as_json: bool = False,
             loop.add_signal_handler(sig, stop.set)
     request_id = random.randrange(1, 2**31)
     try:
-        try:
-            await client.send(encode_request("monitor", request_id))
-        except (ConnectionError, OSError) as exc:
-            raise CtlFailure(f"the daemon is not running ({exc.strerror or exc})",
-                             EX_UNAVAILABLE) from None
-        reply = await _receive(client, request_id, DEFAULT_TIMEOUT, "monitor")
-        if not reply.get("ok"):
-            raise _failure(reply.get("error"))
-        keepalive = float((reply.get("result") or {}).get("keepalive", KEEPALIVE))
+        result = await _ask(client, "monitor", request_id, DEFAULT_TIMEOUT)
+        keepalive = float((result or {}).get("keepalive", KEEPALIVE))
         if not as_json:
             write(f"monitoring mptcpd-py at {path} (Ctrl-C to stop)")
         code = await _stream(client, request_id, keepalive=keepalive, stop=stop, write=write,
