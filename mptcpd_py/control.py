@@ -392,7 +392,6 @@ class Command:
     handler: Handler
     mutating: bool = False
     timeout: float | None = 30.0
-    help: str = ""
     arguments: tuple[str, ...] = ()  # the keys "args" may have
 
 

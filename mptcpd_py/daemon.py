@@ -246,7 +246,7 @@ class Daemon:
             control_socket=control.path if control is not None else "",
             control_group=control.group if control is not None else "",
             metrics_listen=listen if self.metrics is not None else "",
-            metrics_error=self.metrics_error, load_problems=list(self.load_problems),
+            metrics_error=self.metrics_error,
             monitor_clients=control.monitor_clients if control is not None else 0,
             control=counters,
         )
@@ -311,14 +311,13 @@ class Daemon:
                                 if row["state"] == "active"]}
 
         commands = [
-            Command("status", status, help="version, uptime, counts, errors"),
-            Command("endpoints", endpoints, help="kernel endpoints, owned / foreign / waiting"),
-            Command("connections", connections, help="MPTCP connections and subflows"),
-            Command("plugins", plugins, help="plugins and their state"),
-            Command("limits", limits, help="ip mptcp limits"),
-            Command("metrics", metrics, help="Prometheus text exposition"),
-            Command("reload", reload, mutating=True, timeout=None,
-                    help="re-read the configuration and plugins"),
+            Command("status", status),
+            Command("endpoints", endpoints),
+            Command("connections", connections),
+            Command("plugins", plugins),
+            Command("limits", limits),
+            Command("metrics", metrics),
+            Command("reload", reload, mutating=True, timeout=None),
         ]
         return {command.name: command for command in commands}
 

@@ -41,7 +41,6 @@ class DaemonInfo:
     control_group: str = ""
     metrics_listen: str = ""
     metrics_error: str = ""
-    load_problems: list[str] = field(default_factory=list)
     monitor_clients: int = 0
     control: dict[str, Any] = field(default_factory=dict)
 
