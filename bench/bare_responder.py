@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 
 from mptcpd_py.netlink import codec as c
-from mptcpd_py.netlink.codec import _GENL
+from mptcpd_py.netlink.codec import _GENL, _NLA
 from mptcpd_py.netlink.mptcp import resolve_family
 from mptcpd_py.netlink.rtnl import (
     _IFADDRMSG,
@@ -40,7 +40,6 @@ from mptcpd_py.netlink.rtnl import (
     RTM_NEWADDR,
     RTNLGRP_IPV4_IFADDR,
 )
-from mptcpd_py.netlink.rtnl import _NLA_HDR as _NLA
 from mptcpd_py.netlink.socket import (
     _HEADER,
     NETLINK_ADD_MEMBERSHIP,

@@ -17,7 +17,8 @@ import ipaddress
 import socket
 import struct
 
-from mptcpd_py.netlink.codec import as_address, parse_attrs
+from mptcpd_py.netlink.codec import _NLA as _NLA_HDR
+from mptcpd_py.netlink.codec import as_address, as_u32, nla, parse_attrs, u32
 from mptcpd_py.netlink.socket import (
     NETLINK_ROUTE,
     NLM_F_ACK,
@@ -42,7 +43,6 @@ from mptcpd_py.netlink.types import (
     RouteEvent,
     RtnlEvent,
     Rule,
-    parse_address,
 )
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
@@ -65,8 +65,6 @@ FR_ACT_TO_TBL = 1
 _DUMP_RETRIES = 5
 
 
-_NLA_HDR = struct.Struct("=HH")
-_U32 = struct.Struct("=I")
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, proto, scope,
@@ -81,17 +79,8 @@ FRA_SRC, FRA_PRIORITY, FRA_TABLE = 2, 6, 15
 OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
 
 
-def _nla(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return _NLA_HDR.pack(length, kind) + payload + b"\0" * (-length % 4)
-
-
 def _string(raw: bytes | None) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace") if raw else ""
-
-
-def _u32(raw: bytes | None, default: int = 0) -> int:
-    return int(_U32.unpack_from(raw)[0]) if raw and len(raw) >= 4 else default
 
 
 def decode_link(data: bytes) -> Link:
@@ -108,7 +97,7 @@ def decode_link(data: bytes) -> Link:
         kind=kind,
         operstate=(OPERSTATES[state[0]] if state[0] < len(OPERSTATES) else str(state[0]))
         if state else "",
-        mtu=_u32(attrs.get(IFLA_MTU)),
+        mtu=as_u32(attrs.get(IFLA_MTU)),
     )
 
 
@@ -164,7 +153,7 @@ def _network(family: int, raw: bytes | None, prefixlen: int) -> Network:
 
 
 def _address(raw: bytes | None) -> Address | None:
-    return parse_address(bytes(raw)) if raw and len(raw) in (4, 16) else None
+    return as_address(raw) if raw and len(raw) in (4, 16) else None
 
 
 def decode_route(data: bytes) -> Route:
@@ -172,7 +161,7 @@ def decode_route(data: bytes) -> Route:
         _RTMSG.unpack_from(data, 16)
     attrs = parse_attrs(data, 16 + _RTMSG.size)
     gateway = _address(attrs.get(RTA_GATEWAY))
-    oif = _u32(attrs.get(RTA_OIF))
+    oif = as_u32(attrs.get(RTA_OIF))
     multipath = attrs.get(RTA_MULTIPATH)
     if multipath and gateway is None and len(multipath) >= _RTNEXTHOP.size:
         length, _nh_flags, _hops, nh_oif = _RTNEXTHOP.unpack_from(multipath)
@@ -182,10 +171,10 @@ def decode_route(data: bytes) -> Route:
     return Route(
         family=family,
         dst=_network(family, attrs.get(RTA_DST), dst_len),
-        table=_u32(attrs.get(RTA_TABLE), table),
+        table=as_u32(attrs.get(RTA_TABLE), table),
         gateway=gateway,
         oif=oif,
-        priority=_u32(attrs.get(RTA_PRIORITY)),
+        priority=as_u32(attrs.get(RTA_PRIORITY)),
         protocol=proto,
         scope=scope,
         type=kind,
@@ -199,8 +188,8 @@ def decode_rule(data: bytes) -> Rule:
     src = attrs.get(FRA_SRC)
     return Rule(
         family=family,
-        table=_u32(attrs.get(FRA_TABLE), table),
-        priority=_u32(attrs.get(FRA_PRIORITY)),
+        table=as_u32(attrs.get(FRA_TABLE), table),
+        priority=as_u32(attrs.get(FRA_PRIORITY)),
         src=_network(family, src, src_len) if src else None,
     )
 
@@ -214,17 +203,17 @@ def route_payload(route: Route) -> bytes:
     header = _RTMSG.pack(route.family, route.dst.prefixlen, 0, 0,
                          route.table if route.table < 256 else RT_TABLE_COMPAT,
                          route.protocol or RTPROT_STATIC, route.scope, route.type, 0)
-    attrs = [_nla(RTA_TABLE, _U32.pack(route.table))]
+    attrs = [u32(RTA_TABLE, route.table)]
     if route.dst.prefixlen:
-        attrs.append(_nla(RTA_DST, route.dst.network_address.packed))
+        attrs.append(nla(RTA_DST, route.dst.network_address.packed))
     if route.gateway is not None:
-        attrs.append(_nla(RTA_GATEWAY, route.gateway.packed))
+        attrs.append(nla(RTA_GATEWAY, route.gateway.packed))
     if route.oif:
-        attrs.append(_nla(RTA_OIF, _U32.pack(route.oif)))
+        attrs.append(u32(RTA_OIF, route.oif))
     if route.priority:
-        attrs.append(_nla(RTA_PRIORITY, _U32.pack(route.priority)))
+        attrs.append(u32(RTA_PRIORITY, route.priority))
     if route.prefsrc is not None:
-        attrs.append(_nla(RTA_PREFSRC, route.prefsrc.packed))
+        attrs.append(nla(RTA_PREFSRC, route.prefsrc.packed))
     return header + b"".join(attrs)
 
 
@@ -234,10 +223,10 @@ def rule_payload(rule: Rule) -> bytes:
     header = _RTMSG.pack(rule.family, 0, src_len, 0,
                          rule.table if rule.table < 256 else RT_TABLE_COMPAT, 0, 0,
                          FR_ACT_TO_TBL, 0)
-    attrs = [_nla(FRA_TABLE, _U32.pack(rule.table)),
-             _nla(FRA_PRIORITY, _U32.pack(rule.priority))]
+    attrs = [u32(FRA_TABLE, rule.table),
+             u32(FRA_PRIORITY, rule.priority)]
     if rule.src is not None:
-        attrs.append(_nla(FRA_SRC, rule.src.network_address.packed))
+        attrs.append(nla(FRA_SRC, rule.src.network_address.packed))
     return header + b"".join(attrs)
 
 
