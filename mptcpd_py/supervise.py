@@ -34,10 +34,9 @@ async def supervise(
     """Run ``run`` until it returns; after a crash, ``recover`` then run again."""
     crashes: deque[float] = deque(maxlen=CRASH_LIMIT)
     backoff = FIRST_BACKOFF
-    crashed = False
     while True:
         try:
-            if crashed:
+            if crashes:  # restarting after a crash
                 await recover()
             await run()
             return
@@ -56,6 +55,5 @@ async def supervise(
                 return
             log.error("event loop crashed; restarting it", loop=name,
                       error=f"{type(exc).__name__}: {exc}", retry_in=backoff, exc_info=exc)
-            crashed = True
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
