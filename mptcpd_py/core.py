@@ -225,11 +225,13 @@ class Core:
         await self._load_network()
         self.request_reconcile("rtnetlink loop restarted", full=True)
 
-    async def _recover_connections(self) -> None:
+    async def _recover_connections(self, superseded: Sequence[MptcpEvent] = ()) -> None:
+        """Re-read the connections (after lost events or a crash of the MPTCP
+        loop); ``superseded``: the events queued before the dump."""
         if self.userspace is not None:
-            await self.userspace.resync()
+            await self.userspace.resync(superseded)
         else:
-            await self._rebuild_connections()
+            await self._rebuild_connections(superseded)
 
     async def _recover_reconciler(self) -> None:
         self.request_reconcile("reconcile loop restarted", full=True)
@@ -276,15 +278,14 @@ class Core:
                     self.request_reconcile("rtnetlink overflow", full=True)
                     continue
                 self.stats.events[_rtnl_kind(event)] += 1
+                # Nothing else queued and no pass running: reconcile right
+                # here, without waking the reconcile loop for nothing (a
+                # burst still coalesces: it is queued by then).
+                idle = not len(self.rtnl_events) and not self._pass_lock.locked()
                 if self.model.apply(event):
                     self._publish_rtnl(event)
-                    # Nothing else queued and no pass running: reconcile right
-                    # here, without waking the reconcile loop for nothing (a
-                    # burst still coalesces: it is queued by then).
-                    inline = not len(self.rtnl_events) and not self._pass_lock.locked()
-                    self.request_reconcile(event, kick=not inline)  # described if asked
-                if self._wakeup.is_set() and not len(self.rtnl_events) and \
-                        not self._pass_lock.locked():
+                    self.request_reconcile(event, kick=not idle)  # described if asked
+                if idle and self._wakeup.is_set():
                     await self._run_requested_pass()
             except KernelError as exc:
                 self._record_error(exc)
@@ -301,10 +302,7 @@ class Core:
                 self.log.warning("MPTCP events lost; resyncing", reason=event.reason,
                                  superseded=len(superseded))
                 self.monitor.publish("resync", source="mptcp_pm_events", reason=event.reason)
-                if self.userspace is not None:
-                    await self.userspace.resync(superseded)
-                else:
-                    await self._rebuild_connections(superseded)
+                await self._recover_connections(superseded)
                 continue
             kind = _EVENT_KINDS.get(event.type) or str(event.type)
             self.stats.events[f"mptcp_{kind}"] += 1
