@@ -230,17 +230,20 @@ class NetworkModel:
         if initial and not self.cfg.existing:
             self._ignored_at_start = set(self.addresses)
         self._ignored_at_start &= set(self.addresses)
-        self._views = None
-        self._changed()
+        self._changed(links_or_routes=True)
 
     def set_config(self, cfg: NetworkConfig) -> None:
         self.cfg = cfg
         self._judged.clear()
         self._changed()
 
-    def _changed(self) -> None:
+    def _changed(self, *, links_or_routes: bool = False) -> None:
+        """A new snapshot is due; the interfaces and gateways it shares with
+        the last one are only rebuilt when ``links_or_routes`` changed."""
         self.generation += 1
         self._snapshot = None
+        if links_or_routes:
+            self._views = None
 
     def apply(self, event: RtnlEvent) -> bool:
         """Apply one event; True when something the policies see changed."""
@@ -260,8 +263,7 @@ class NetworkModel:
                 self.links[link.index] = link
                 if old is not None and old.name != link.name:
                     self._devtypes.pop((link.index, old.name), None)
-            self._views = None
-            self._changed()
+            self._changed(links_or_routes=True)
             return True
         if isinstance(event, AddressEvent):
             addr = event.address
@@ -278,8 +280,7 @@ class NetworkModel:
             return True
         if isinstance(event, RouteEvent):
             if self._apply_route(event.route, event.removed):
-                self._views = None
-                self._changed()
+                self._changed(links_or_routes=True)
                 return True
             return False
         return False
