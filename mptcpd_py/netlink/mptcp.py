@@ -23,7 +23,7 @@ from mptcpd_py.netlink.socket import (
     NetlinkSocket,
     RawMessage,
 )
-from mptcpd_py.netlink.stream import EventStream
+from mptcpd_py.netlink.stream import MulticastStream
 from mptcpd_py.netlink.types import (
     Address,
     AddressAnnounced,
@@ -330,7 +330,7 @@ def decode_event(data: bytes) -> MptcpEvent:
     )
 
 
-class MptcpEvents(EventStream[MptcpEvent]):
+class MptcpEvents(MulticastStream[MptcpEvent]):
     """The ``mptcp_pm_events`` multicast group as an async iterator.
 
     Joining fails with EPERM without CAP_NET_ADMIN. Undecodable messages are
@@ -338,11 +338,7 @@ class MptcpEvents(EventStream[MptcpEvent]):
     """
 
     def __init__(self, sock: NetlinkSocket, max_queued: int) -> None:
-        super().__init__("mptcp_pm_events", max_queued)
-        self.sock = sock
-        self.malformed = 0
-        sock.on_multicast = self._on_message
-        sock.on_overflow = self.overflow
+        super().__init__("mptcp_pm_events", sock, max_queued)
 
     @classmethod
     async def open(
@@ -381,10 +377,3 @@ class MptcpEvents(EventStream[MptcpEvent]):
             self.malformed += 1
             return
         self.push(event)
-
-    def _drain(self) -> None:
-        self.sock.drain()
-
-    def close(self) -> None:
-        super().close()
-        self.sock.close()

@@ -30,7 +30,7 @@ from mptcpd_py.netlink.socket import (
     NetlinkSocket,
     RawMessage,
 )
-from mptcpd_py.netlink.stream import EventStream
+from mptcpd_py.netlink.stream import MulticastStream
 from mptcpd_py.netlink.types import (
     Address,
     AddressEvent,
@@ -335,7 +335,7 @@ class Rtnl:
         )
 
 
-class RtnlEvents(EventStream[RtnlEvent]):
+class RtnlEvents(MulticastStream[RtnlEvent]):
     """Link, address and route changes as an async iterator; ENOBUFS becomes
     a :class:`ResyncNeeded` item and the stream goes on."""
 
@@ -348,11 +348,7 @@ class RtnlEvents(EventStream[RtnlEvent]):
     )
 
     def __init__(self, sock: NetlinkSocket, max_queued: int) -> None:
-        super().__init__("rtnetlink", max_queued)
-        self.sock = sock
-        self.malformed = 0
-        sock.on_multicast = self._on_message
-        sock.on_overflow = self.overflow
+        super().__init__("rtnetlink", sock, max_queued)
 
     @classmethod
     def open(
@@ -380,10 +376,3 @@ class RtnlEvents(EventStream[RtnlEvent]):
             return
         if event is not None:
             self.push(event)
-
-    def _drain(self) -> None:
-        self.sock.drain()
-
-    def close(self) -> None:
-        super().close()
-        self.sock.close()

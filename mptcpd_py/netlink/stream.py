@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from mptcpd_py.netlink.types import ResyncNeeded
+
+if TYPE_CHECKING:
+    from mptcpd_py.netlink.socket import NetlinkSocket, RawMessage
 
 T = TypeVar("T")
 
@@ -111,3 +114,26 @@ class EventStream(Generic[T]):
                 await self._waiter
             finally:
                 self._waiter = None
+
+
+class MulticastStream(EventStream[T]):
+    """An event stream fed by one netlink socket's multicast messages: the
+    subclass decodes each (``_on_message``, ``push``); the socket's
+    overflow, draining and closing are the stream's."""
+
+    def __init__(self, source: str, sock: NetlinkSocket, max_queued: int) -> None:
+        super().__init__(source, max_queued)
+        self.sock = sock
+        self.malformed = 0  # messages that did not decode, skipped
+        sock.on_multicast = self._on_message
+        sock.on_overflow = self.overflow
+
+    def _on_message(self, raw: RawMessage) -> None:
+        raise NotImplementedError
+
+    def _drain(self) -> None:
+        self.sock.drain()
+
+    def close(self) -> None:
+        super().close()
+        self.sock.close()
