@@ -769,8 +769,7 @@ class ControlServer:
             sub = Subscription(peer, request.id, _EventQueue(SUBSCRIBER_QUEUE), now)
             self.subscriptions[peer.address] = sub
             self._housework.set()
-            # Attached directly: its put_nowait counts what a slow client misses.
-            self.monitor.subscribers.add(sub.queue)
+            self.monitor.subscribe(sub.queue)  # its put_nowait counts what it misses
             assert self._loop is not None
             sub.task = self._loop.create_task(self._pump(sub), name="control-monitor")
             self.log.info("monitor client subscribed", uid=peer.uid, pid=peer.pid)

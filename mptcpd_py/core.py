@@ -111,10 +111,10 @@ class Monitor:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(item)
 
-    def subscribe(self, maxsize: int = 10_000) -> asyncio.Queue[dict[str, Any]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize)
+    def subscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        """Events go to ``queue`` from now on; when it is full they are
+        dropped for it (the queue may count them, as the control server's does)."""
         self.subscribers.add(queue)
-        return queue
 
     def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self.subscribers.discard(queue)
