@@ -213,6 +213,8 @@ class Demo:
             kind = "cellular" if c_if.startswith("wwan") else "primary"
             s.say(f"    {c_if:<6} {c_addr:<13} -> {s_addr:<13} {self.rate * factor:5.1f} Mbit/s "
                   f"(tbf, {kind})")
+        s.say(f"    the upload uses TCP {BulkTransfer.CONGESTION} (set on its socket; the host's "
+              "default is not used)")
 
         s.say("\n" + s.c(BOLD, "[1/5] mptcpd-py starts in the client namespace"))
         s.say("      shipped configuration, except: state in a temporary directory, no "
