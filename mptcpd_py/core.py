@@ -462,7 +462,8 @@ class Core:
                 self.stats.resyncs["full"] += 1
                 self._check_kernel_settings()
             self._pass_reasons = reasons
-            result = await self.reconciler.reconcile(desired, full=full)
+            result = await self.reconciler.reconcile(
+                desired, full=full, before_add=lambda rec: self._route_first(rec, net))
             await self.routing.reconcile(self._desired_routes(net), verify=full)
             if self.userspace is not None and reasons and reasons != ["start"]:
                 try:
@@ -501,6 +502,13 @@ class Core:
                 self.log.info(f"net.mptcp.{key} is as expected again",
                               sysctl=f"net.mptcp.{key}", value=value)
         self._kernel_seen = seen
+
+    async def _route_first(self, endpoint: OwnedEndpoint, net: NetworkSnapshot) -> None:
+        """The kernel opens an endpoint's subflows inside the add: without
+        its source route by then they leave through the main table's route,
+        or go on-link and die unanswered, and are never tried again."""
+        assert self.routing is not None
+        await self.routing.ensure(desired_routes([endpoint], net, self.config.routing))
 
     def _desired_routes(self, net: NetworkSnapshot) -> dict[Any, Any]:
         """Source routes for our endpoints (kernel PM), or for every eligible

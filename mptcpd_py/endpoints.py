@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -71,6 +71,9 @@ class PathManagerAPI(Protocol):
     async def get_limits(self) -> Limits: ...
     async def set_limits(self, subflows: int | None = None,
                          add_addr_accepted: int | None = None) -> None: ...
+
+
+BeforeAdd = Callable[[OwnedEndpoint], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +271,7 @@ class EndpointReconciler:
         # reply) or left by an interrupted add. One found missing is simply
         # forgotten, not blamed on someone else.
         self._unconfirmed: set[Key] = set(self.owned)
+        self._before_add: BeforeAdd | None = None
 
     @property
     def owned(self) -> dict[Key, OwnedEndpoint]:
@@ -287,11 +291,13 @@ class EndpointReconciler:
                 out.add(key)
         return frozenset(out)
 
-    async def reconcile(self, desired: Sequence[EndpointIntent], *, full: bool = False
-                        ) -> PassResult:
+    async def reconcile(self, desired: Sequence[EndpointIntent], *, full: bool = False,
+                        before_add: BeforeAdd | None = None) -> PassResult:
         """One pass; ``full`` re-reads the kernel first. Re-plans (at most
-        twice) when the kernel surprises it."""
+        twice) when the kernel surprises it. ``before_add`` is awaited with
+        each endpoint about to be added (its source route goes in first)."""
         result = PassResult()
+        self._before_add = before_add
         if full or (not self.observed and self.owned):
             await self.resync()
         for _attempt in range(3):
@@ -407,6 +413,8 @@ class EndpointReconciler:
     async def _add(self, op: Operation) -> OwnedEndpoint:
         """Journal first, so a crash right after the kernel's reply is adoptable."""
         rec = op.endpoint
+        if self._before_add is not None:
+            await self._before_add(rec)
         self.store.put_endpoint(rec)
         try:
             added = await self.pm.add_endpoint(

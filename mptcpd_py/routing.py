@@ -122,7 +122,16 @@ class SourceRouting:
         for address, (want, _) in list(self.foreign.items()):
             if wanted.get(address) != want:
                 del self.foreign[address]
+        await self.ensure(wanted)
+
+    async def ensure(self, wanted: dict[Address, OwnedRoute]) -> None:
+        """Add (or correct) these routes and touch no others: what a pass
+        does before adding an endpoint, whose first subflows the kernel
+        opens inside the add itself."""
         for address, want in wanted.items():
+            have = self.owned.get(address)
+            if have is not None and have != want:
+                await self._remove(have)
             if address not in self.owned and address not in self.foreign:
                 await self._add(want)
 

@@ -17,6 +17,7 @@ from mptcpd_py.lab import (
     Netns,
     TwoPaths,
     daemon_config,
+    diag_subflows,
     mptcp_connect,
     mptcp_listen,
     subflows_by_token,
@@ -394,3 +395,39 @@ def test_own_source_route_deleted_by_someone_else_is_restored_whole(
     changed = [line for line in d.logs()
                if line["event"] == "source route changed by someone else; re-adding it"]
     assert [line["addr"] for line in changed] == ["192.0.2.1", "192.0.2.1"]
+
+
+def test_a_returning_link_gets_its_source_route_before_its_endpoint(
+        lab: Lab, daemons, tmp_path: Path) -> None:
+    """The kernel opens an endpoint's subflows inside the add. If the source
+    route came after, the join from eth1 to the server's eth0 address would
+    go on-link, wait for an ARP answer no real gateway gives (the server
+    here answers only for addresses on the asking link), fail, and never be
+    tried again: the connection would keep one path after a link flap."""
+    tp = TwoPaths(lab)
+    tp.server.sysctl("net.ipv4.conf.all.arp_ignore", 1)
+    d = daemons(tp.client, daemon_config(str(tmp_path / "state"))).start()
+    wait_for(lambda: tp.client_addr(1) in endpoints(tp.client), what="eth1 endpoint")
+    pair = mptcp_connect(tp.client, mptcp_listen(tp.server, "0.0.0.0"),
+                         address=tp.server_addr(0))
+    try:
+        pair.server.sendall(b"x")  # the client's ESTABLISHED waits for peer data
+        pair.client.recv(1)
+
+        def joined_from_eth1() -> bool:
+            return any(str(s.local) == tp.client_addr(1) for s in diag_subflows(tp.client))
+
+        wait_for(joined_from_eth1, what="the first join from eth1")
+        tp.client.ip("link", "set", tp.ifnames[1], "down")
+        wait_for(lambda: tp.client_addr(1) not in endpoints(tp.client), what="endpoint gone")
+        wait_for(lambda: not joined_from_eth1(), what="the eth1 subflow closed")
+        tp.client.ip("link", "set", tp.ifnames[1], "up")
+        wait_for(joined_from_eth1, what="a new join from eth1 after the link came back")
+        assert "FAILED" not in tp.client.ip("neigh", "show", "dev", tp.ifnames[1])
+        events = [line["event"] for line in d.logs()
+                  if line.get("addr") == tp.client_addr(1)]
+        assert events[-2:] == ["source route added", "endpoint added"], events
+        assert d.errors() == []
+        assert d.stop() == 0
+    finally:
+        pair.close()

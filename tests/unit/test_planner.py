@@ -224,6 +224,19 @@ async def test_reconcile_adds_records_and_survives_restart_by_adoption(rig, tmp_
     assert len(store2.state.endpoints) == 2
 
 
+async def test_before_add_runs_ahead_of_each_kernel_add_and_only_for_adds(rig) -> None:
+    kernel, rec, _, _ = rig
+    await rec.reconcile([want("192.0.2.1"), want("192.0.2.2")], full=True)
+    kernel.calls.clear()
+
+    async def before_add(endpoint: Any) -> None:
+        kernel.calls.append(("before_add", str(endpoint.address)))
+
+    await rec.reconcile([want("192.0.2.2"), want("198.51.100.1")], before_add=before_add)
+    assert [c for c in kernel.calls if c[0] != "get"] == [
+        ("delete", 1), ("before_add", "198.51.100.1"), ("add", ("198.51.100.1", 3))]
+
+
 async def test_id_taken_behind_our_back_is_resolved_by_re_planning(rig) -> None:
     kernel, rec, _, _ = rig
     await rec.reconcile([], full=True)
