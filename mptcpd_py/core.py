@@ -33,7 +33,7 @@ from mptcpd_py.logging import get_logger
 from mptcpd_py.model import NetworkModel, NetworkSnapshot
 from mptcpd_py.netlink.mptcp import MptcpEvents, MptcpPM
 from mptcpd_py.netlink.probe import probe_capabilities
-from mptcpd_py.netlink.rtnl import Rtnl, RtnlEvents
+from mptcpd_py.netlink.rtnl import Rtnl, RtnlEvents, main_default_route
 from mptcpd_py.netlink.types import (
     CHANGEABLE_FLAGS,
     AddressEvent,
@@ -251,7 +251,7 @@ class Core:
     async def _load_network(self, initial: bool = False) -> None:
         assert self.rtnl is not None
         links, addresses, routes = await asyncio.gather(
-            self.rtnl.links(), self.rtnl.addresses(), self.rtnl.routes()
+            self.rtnl.links(), self.rtnl.addresses(), self.rtnl.routes(main_default_route)
         )
         self.model.load(links, addresses, routes, initial=initial)
 

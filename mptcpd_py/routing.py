@@ -18,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from mptcpd_py.config import RoutingConfig
 from mptcpd_py.errors import EndpointExists, KernelError, NetlinkError, NoSuchObject
 from mptcpd_py.model import NetworkSnapshot
+from mptcpd_py.netlink.rtnl import in_tables
 from mptcpd_py.netlink.types import Address, Route, Rule
 from mptcpd_py.state import OwnedEndpoint, OwnedRoute, StateStore
 
@@ -36,7 +37,7 @@ class RoutingAPI(Protocol):
     async def add_rule(self, rule: Rule) -> None: ...
     async def delete_rule(self, rule: Rule) -> None: ...
     async def rules(self) -> list[Rule]: ...
-    async def routes(self) -> list[Route]: ...
+    async def routes(self, wanted: Callable[[bytes], bool] | None = None) -> list[Route]: ...
 
 
 def _family(address: Address) -> int:
@@ -142,7 +143,9 @@ class SourceRouting:
         again)."""
         try:
             rules = set(await self.rtnl.rules())
-            routes = {_route_key(route) for route in await self.rtnl.routes()}
+            tables = {r.table for r in self.owned.values()} | \
+                {want.table for want, _ in self.foreign.values()}
+            routes = {_route_key(route) for route in await self.rtnl.routes(in_tables(tables))}
         except (KernelError, NetlinkError) as exc:  # a busy kernel: next full pass
             self.log.warning("cannot dump rules and routes", error=str(exc))
             return

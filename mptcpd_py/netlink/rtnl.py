@@ -16,6 +16,7 @@ import asyncio
 import ipaddress
 import socket
 import struct
+from collections.abc import Callable, Collection
 
 from mptcpd_py.netlink.codec import _NLA as _NLA_HDR
 from mptcpd_py.netlink.codec import as_address, as_u32, nla, parse_attrs, u32
@@ -230,19 +231,36 @@ def rule_payload(rule: Rule) -> bytes:
     return header + b"".join(attrs)
 
 
-def _interesting_route(data: bytes) -> bool:
+def main_default_route(data: bytes) -> bool:
     """Only default routes of the main table matter to the model; the rtmsg
     header says so before an expensive full decode (an address change brings
-    several local / broadcast route events)."""
+    several local / broadcast route events, a full routing table thousands)."""
     if len(data) < 28:
         return False
-    dst_len, table = data[17], data[20]
-    return dst_len == 0 and table in (RT_TABLE_MAIN_ID, RT_TABLE_COMPAT)
+    # The kernel puts a table id below 256 in the byte itself (main: 254).
+    return data[17] == 0 and data[20] == RT_TABLE_MAIN_ID
+
+
+def in_tables(tables: Collection[int]) -> Callable[[bytes], bool]:
+    """A raw-route test for "in one of these tables" that decodes nothing
+    of a route in another table below 256 (main, local: the big ones)."""
+    wanted = frozenset(tables)
+    compat = any(t >= 256 for t in wanted)
+
+    def test(data: bytes) -> bool:
+        if len(data) < 28:
+            return False
+        table = data[20]
+        if table != RT_TABLE_COMPAT or not compat:
+            return table in wanted
+        return as_u32(parse_attrs(data, 16 + _RTMSG.size).get(RTA_TABLE), table) in wanted
+
+    return test
 
 
 def decode_event(raw: RawMessage) -> RtnlEvent | None:
     """A multicast rtnetlink message -> typed event (None: not ours to watch)."""
-    if raw.type in (RTM_NEWROUTE, RTM_DELROUTE) and not _interesting_route(raw.data):
+    if raw.type in (RTM_NEWROUTE, RTM_DELROUTE) and not main_default_route(raw.data):
         return None
     if raw.type in (RTM_NEWLINK, RTM_DELLINK):
         return LinkEvent(decode_link(raw.data), removed=raw.type == RTM_DELLINK)
@@ -288,11 +306,14 @@ class Rtnl:
                 for r in await self._dump(header, RTM_GETADDR, "dump addresses")
                 if r.type == RTM_NEWADDR]
 
-    async def routes(self) -> list[Route]:
+    async def routes(self, wanted: Callable[[bytes], bool] | None = None) -> list[Route]:
+        """Every route, or those whose raw message passes ``wanted`` (see
+        :func:`main_default_route`, :func:`in_tables`): decoding a full
+        routing table costs about 10 µs a route."""
         header = _RTMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0, 0, 0, 0)
         return [decode_route(r.data)
                 for r in await self._dump(header, RTM_GETROUTE, "dump routes")
-                if r.type == RTM_NEWROUTE]
+                if r.type == RTM_NEWROUTE and (wanted is None or wanted(r.data))]
 
     async def rules(self) -> list[Rule]:
         header = _RTMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0, 0, 0, 0)

@@ -19,6 +19,8 @@ from mptcpd_py.netlink.rtnl import (
     decode_link,
     decode_route,
     decode_rule,
+    in_tables,
+    main_default_route,
     route_payload,
     rule_payload,
 )
@@ -112,6 +114,25 @@ def test_route_codec_round_trips_through_pyroute2(route: Route) -> None:
         attrs.append(("RTA_PREFSRC", str(route.prefsrc)))
     msg["attrs"] = attrs
     assert decode_route(pyroute2_encoded(msg, 24)) == route
+
+
+def _raw_route(dst: str, table: int) -> bytes:
+    route = Route(socket.AF_INET, ipaddress.ip_network(dst), table,
+                  ipaddress.ip_address("192.0.2.2"), oif=3, protocol=4, type=1)
+    payload = route_payload(route)
+    return struct.pack("=IHHII", 16 + len(payload), 24, 0, 0, 0) + payload
+
+
+def test_raw_route_tests_pick_without_decoding_what_a_dump_keeps() -> None:
+    main_default, main_host = _raw_route("0.0.0.0/0", 254), _raw_route("10.0.0.1/32", 254)
+    ours, other = _raw_route("0.0.0.0/0", 10003), _raw_route("0.0.0.0/0", 10004)
+    assert [main_default_route(r) for r in (main_default, main_host, ours)] == \
+        [True, False, False]
+    # Tables over 255 are in RTA_TABLE; the rtmsg byte says only "see RTA_TABLE".
+    assert [in_tables({10003})(r) for r in (ours, other, main_default)] == [True, False, False]
+    assert [in_tables({254, 10004})(r) for r in (ours, other, main_host)] == [False, True, True]
+    assert not in_tables(set())(ours)
+    assert not main_default_route(b"short") and not in_tables({10003})(b"short")
 
 
 def test_multipath_route_takes_the_first_nexthop() -> None:
