@@ -106,6 +106,15 @@ class ConnectionTable:
     def get(self, token: int) -> ConnectionRecord | None:
         return self.connections.get(token)
 
+    def lacking_subflow_from(self, address: Address) -> int:
+        """Established connections this host opened, of ``address``'s
+        family, with no subflow from it (the in-kernel path manager opens
+        subflows only on the side that connected)."""
+        return sum(1 for c in self.connections.values()
+                   if c.established and not c.server_side
+                   and c.remote.version == address.version
+                   and all(key[0] != address for key in c.subflows))
+
     def apply(self, event: MptcpEvent) -> ConnectionRecord | None:
         """Apply one event; returns the connection it concerns (None for
         listener events and events of unknown connections)."""

@@ -36,6 +36,7 @@ from mptcpd_py.netlink.probe import probe_capabilities
 from mptcpd_py.netlink.rtnl import Rtnl, RtnlEvents, main_default_route
 from mptcpd_py.netlink.types import (
     CHANGEABLE_FLAGS,
+    Address,
     AddressEvent,
     Capabilities,
     EndpointFlags,
@@ -168,6 +169,9 @@ class Core:
         self._stopping = False
         self._waiting: set[tuple[Any, int]] = set()
         self._kernel_seen: dict[str, str] = {}
+        # Endpoints (that open subflows) added while their address had no
+        # source route: re-added once it has one (see _readd_routed).
+        self._unrouted: set[Address] = set()
         self.watchdog_interval = 0.0
         # Set when a loop keeps crashing: the daemon exits non-zero (systemd restarts it).
         self.failed = asyncio.Event()
@@ -465,6 +469,8 @@ class Core:
             result = await self.reconciler.reconcile(
                 desired, full=full, before_add=lambda rec: self._route_first(rec, net))
             await self.routing.reconcile(self._desired_routes(net), verify=full)
+            if self._unrouted:
+                await self._readd_routed()
             if self.userspace is not None and reasons and reasons != ["start"]:
                 try:
                     await self.userspace.network_changed(net)
@@ -508,7 +514,33 @@ class Core:
         its source route by then they leave through the main table's route,
         or go on-link and die unanswered, and are never tried again."""
         assert self.routing is not None
-        await self.routing.ensure(desired_routes([endpoint], net, self.config.routing))
+        wanted = desired_routes([endpoint], net, self.config.routing)
+        if not wanted and self.config.routing.source_routes and \
+                endpoint.flags & (EndpointFlags.SUBFLOW | EndpointFlags.FULLMESH):
+            self._unrouted.add(endpoint.address)
+        else:
+            self._unrouted.discard(endpoint.address)
+        await self.routing.ensure(wanted)
+
+    async def _readd_routed(self) -> None:
+        """An address usually gets its gateway a moment after it appears
+        (DHCP, a link coming back): the subflows the kernel opened from its
+        endpoint in between left without a source route, most likely went
+        nowhere, and are never tried again. Once the route is there, the
+        endpoint is added again if a connection lacks a subflow from it, and
+        the kernel opens them anew."""
+        assert self.reconciler is not None and self.routing is not None
+        owned = {rec.address: rec for rec in self.reconciler.owned.values()}
+        for address in list(self._unrouted):
+            rec = owned.get(address)
+            if rec is None:
+                self._unrouted.discard(address)
+            elif address in self.routing.owned:
+                self._unrouted.discard(address)
+                if not self.connections.lacking_subflow_from(address):
+                    continue
+                if not await self.reconciler.readd(rec, "its source route came after it"):
+                    self.request_reconcile("endpoint re-add not done")
 
     def _desired_routes(self, net: NetworkSnapshot) -> dict[Any, Any]:
         """Source routes for our endpoints (kernel PM), or for every eligible

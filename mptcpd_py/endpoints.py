@@ -271,7 +271,6 @@ class EndpointReconciler:
         # reply) or left by an interrupted add. One found missing is simply
         # forgotten, not blamed on someone else.
         self._unconfirmed: set[Key] = set(self.owned)
-        self._before_add: BeforeAdd | None = None
 
     @property
     def owned(self) -> dict[Key, OwnedEndpoint]:
@@ -297,7 +296,6 @@ class EndpointReconciler:
         twice) when the kernel surprises it. ``before_add`` is awaited with
         each endpoint about to be added (its source route goes in first)."""
         result = PassResult()
-        self._before_add = before_add
         if full or (not self.observed and self.owned):
             await self.resync()
         for _attempt in range(3):
@@ -321,7 +319,7 @@ class EndpointReconciler:
                 self._forget(current.forgotten, result)
             if not current.operations:
                 break
-            surprised = await self._apply(current, result)
+            surprised = await self._apply(current, result, before_add)
             if not surprised:
                 break
             await self.resync()
@@ -349,7 +347,8 @@ class EndpointReconciler:
                     "endpoint keeps being deleted by someone else (NetworkManager?); "
                     "not restoring it for 10 minutes", addr=str(rec.address))
 
-    async def _apply(self, current: Plan, result: PassResult) -> bool:
+    async def _apply(self, current: Plan, result: PassResult,
+                     before_add: BeforeAdd | None = None) -> bool:
         """Apply operations in order; True when the kernel state was not what
         we thought (re-read and re-plan)."""
         surprised = False
@@ -383,7 +382,7 @@ class EndpointReconciler:
                         if e.id == rec.id else e for e in self.observed
                     ]
                 else:
-                    op = Operation(ADD, await self._add(planned), planned.reason,
+                    op = Operation(ADD, await self._add(planned, before_add), planned.reason,
                                    planned.old_flags, planned.replaces_implicit)
             except (EndpointExists, EndpointIdBusy, NoSuchEndpoint) as exc:
                 surprised = True
@@ -402,6 +401,31 @@ class EndpointReconciler:
                 self.on_operation(op, None)
         return surprised
 
+    async def readd(self, rec: OwnedEndpoint, reason: str) -> bool:
+        """Delete one owned endpoint and add it again with the same id: the
+        kernel opens an endpoint's subflows only when it is added, so this
+        is how connections get the ones that failed before. False when it
+        is no longer ours or the kernel refused (the next pass puts back
+        whatever is missing)."""
+        op = Operation(ADD, rec, reason)
+        try:
+            if not await self._still_ours(rec):
+                return False
+            await self.pm.delete_endpoint(rec.id, rec.address)
+            self.store.drop_endpoint(rec)
+            self.observed = [e for e in self.observed if e.id != rec.id]
+            op = Operation(ADD, await self._add(op), reason)
+        except KernelError as exc:
+            self._failed(op, exc, PassResult(), level="warning")
+            return False
+        finally:
+            self.store.checkpoint()
+        self.log.info("endpoint re-added", addr=str(rec.address), endpoint_id=op.endpoint.id,
+                      flags=str(rec.flags), ifname=self.ifname_of(rec.ifindex), reason=reason)
+        if self.on_operation is not None:
+            self.on_operation(op, None)
+        return True
+
     async def _still_ours(self, rec: OwnedEndpoint) -> bool:
         """Read the id back: the kernel acts on the id alone, whatever the address."""
         try:
@@ -410,11 +434,11 @@ class EndpointReconciler:
             return False
         return current.key == rec.key
 
-    async def _add(self, op: Operation) -> OwnedEndpoint:
+    async def _add(self, op: Operation, before_add: BeforeAdd | None = None) -> OwnedEndpoint:
         """Journal first, so a crash right after the kernel's reply is adoptable."""
         rec = op.endpoint
-        if self._before_add is not None:
-            await self._before_add(rec)
+        if before_add is not None:
+            await before_add(rec)
         self.store.put_endpoint(rec)
         try:
             added = await self.pm.add_endpoint(

@@ -14,6 +14,7 @@ import pytest
 
 from mptcpd_py.lab import (
     Lab,
+    MptcpPair,
     Netns,
     TwoPaths,
     daemon_config,
@@ -397,6 +398,47 @@ def test_own_source_route_deleted_by_someone_else_is_restored_whole(
     assert [line["addr"] for line in changed] == ["192.0.2.1", "192.0.2.1"]
 
 
+def _joined_from(ns: Netns, address: str) -> bool:
+    return any(str(s.local) == address for s in diag_subflows(ns))
+
+
+def _peer_data_exchanged(pair: MptcpPair) -> None:
+    pair.server.sendall(b"x")  # the client's ESTABLISHED waits for peer data
+    pair.client.recv(1)
+
+
+def test_an_endpoint_older_than_its_gateway_is_added_again_once_routed(
+        lab: Lab, daemons, tmp_path: Path) -> None:
+    """eth1 has its address before its default route (as with DHCP): the
+    join the kernel opens from it goes on-link and fails. When the default
+    route comes, the daemon adds the source route, then the endpoint again,
+    and the kernel opens the join anew, this time through the gateway."""
+    tp = TwoPaths(lab, default_routes=False)
+    tp.add_default_routes(0)
+    tp.server.sysctl("net.ipv4.conf.all.arp_ignore", 1)
+    d = daemons(tp.client, daemon_config(str(tmp_path / "state"))).start()
+    before = endpoints(tp.client)[tp.client_addr(1)]
+    pair = mptcp_connect(tp.client, mptcp_listen(tp.server, "0.0.0.0"),
+                         address=tp.server_addr(0))
+    try:
+        _peer_data_exchanged(pair)
+        wait_for(lambda: "192.0.2.2 dev eth1 FAILED" in tp.client.ip("neigh", "show"),
+                 what="the on-link join from eth1 to fail")
+        assert not _joined_from(tp.client, tp.client_addr(1))
+        tp.add_default_routes(1, v6=False)
+        wait_for(lambda: _joined_from(tp.client, tp.client_addr(1)),
+                 what="a join from eth1 through its gateway")
+        readded = d.wait_log("endpoint re-added", addr=tp.client_addr(1))
+        assert readded["reason"] == "its source route came after it"
+        assert endpoints(tp.client)[tp.client_addr(1)] == before  # same id and flags
+        events = [line["event"] for line in d.logs() if line.get("addr") == tp.client_addr(1)]
+        assert events == ["endpoint added", "source route added", "endpoint re-added"], events
+        assert d.errors() == []
+        assert d.stop() == 0
+    finally:
+        pair.close()
+
+
 def test_a_returning_link_gets_its_source_route_before_its_endpoint(
         lab: Lab, daemons, tmp_path: Path) -> None:
     """The kernel opens an endpoint's subflows inside the add. If the source
@@ -411,11 +453,10 @@ def test_a_returning_link_gets_its_source_route_before_its_endpoint(
     pair = mptcp_connect(tp.client, mptcp_listen(tp.server, "0.0.0.0"),
                          address=tp.server_addr(0))
     try:
-        pair.server.sendall(b"x")  # the client's ESTABLISHED waits for peer data
-        pair.client.recv(1)
+        _peer_data_exchanged(pair)
 
         def joined_from_eth1() -> bool:
-            return any(str(s.local) == tp.client_addr(1) for s in diag_subflows(tp.client))
+            return _joined_from(tp.client, tp.client_addr(1))
 
         wait_for(joined_from_eth1, what="the first join from eth1")
         tp.client.ip("link", "set", tp.ifnames[1], "down")

@@ -92,3 +92,15 @@ def test_a_rebuild_without_the_initial_subflow_keeps_the_kernels_ids() -> None:
     assert rec.local_id(A("192.0.2.9")) not in (0, 5, 6)
     assert {r.id: (str(r.address), r.port) for r in rec.remotes.values()} == {
         0: ("192.0.2.2", 443), 2: ("198.51.100.2", 443)}
+
+
+def test_connections_lacking_a_subflow_from_an_address_are_counted() -> None:
+    table = ConnectionTable()
+    table.apply(created())
+    assert table.lacking_subflow_from(A("198.51.100.1")) == 0  # not established yet
+    table.apply(created(T.ESTABLISHED))
+    assert table.lacking_subflow_from(A("198.51.100.1")) == 1
+    assert table.lacking_subflow_from(A("192.0.2.1")) == 0  # the initial subflow's
+    assert table.lacking_subflow_from(A("2001:db8::1")) == 0  # another family
+    table.apply(subflow_event(T.SUB_ESTABLISHED, "198.51.100.1", 50000, 1))
+    assert table.lacking_subflow_from(A("198.51.100.1")) == 0

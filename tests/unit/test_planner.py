@@ -237,6 +237,31 @@ async def test_before_add_runs_ahead_of_each_kernel_add_and_only_for_adds(rig) -
         ("delete", 1), ("before_add", "198.51.100.1"), ("add", ("198.51.100.1", 3))]
 
 
+async def test_readd_deletes_and_adds_the_same_endpoint_or_does_nothing(rig) -> None:
+    kernel, rec, store, log = rig
+    await rec.reconcile([want("192.0.2.1"), want("192.0.2.2")], full=True)
+    first = rec.owned[(A("192.0.2.1"), 0)]
+    kernel.calls.clear()
+    assert await rec.readd(first, "routed now")
+    assert [c for c in kernel.calls if c[0] != "get"] == [("delete", 1), ("add", ("192.0.2.1", 1))]
+    assert rec.owned[(A("192.0.2.1"), 0)] == first and kernel.eps[1].flags == first.flags
+    assert ("info", "endpoint re-added", "192.0.2.1") in [
+        (level, event, fields.get("addr")) for level, event, fields in log.lines]
+    # Someone else's endpoint now has our id: left alone.
+    del kernel.eps[1]
+    kernel.eps[1] = Endpoint(1, A("203.0.113.9"), F.SIGNAL)
+    kernel.calls.clear()
+    assert not await rec.readd(first, "routed now")
+    assert [c[0] for c in kernel.calls] == ["get"]
+    # Refused on the add: not kept as ours (the next pass adds it back).
+    second = rec.owned[(A("192.0.2.2"), 0)]
+    kernel.fail[("add", "192.0.2.2")] = KernelError(errno.EIO, "mystery", "add endpoint")
+    assert not await rec.readd(second, "routed now")
+    assert (A("192.0.2.2"), 0) not in store.state.endpoints and 2 not in kernel.eps
+    assert any(level == "warning" and event == "endpoint add failed"
+               for level, event, _ in log.lines)
+
+
 async def test_id_taken_behind_our_back_is_resolved_by_re_planning(rig) -> None:
     kernel, rec, _, _ = rig
     await rec.reconcile([], full=True)
