@@ -49,7 +49,7 @@ from mptcpd_py.netlink.types import (
 )
 from mptcpd_py.plugin import EndpointIntent, PluginState
 from mptcpd_py.plugins_host import FAILED, PluginHost
-from mptcpd_py.routing import SourceRouting, desired_routes
+from mptcpd_py.routing import SourceRouting, desired_routes, gateway_of
 from mptcpd_py.state import OwnedEndpoint, StateStore
 from mptcpd_py.supervise import supervise
 from mptcpd_py.sysctl import active_path_manager, read_mptcp_sysctl
@@ -169,8 +169,8 @@ class Core:
         self._stopping = False
         self._waiting: set[tuple[Any, int]] = set()
         self._kernel_seen: dict[str, str] = {}
-        # Endpoints (that open subflows) added while their address had no
-        # source route: re-added once it has one (see _readd_routed).
+        # Endpoints (that open subflows) added while their interface had no
+        # gateway: re-added once it has one (see _readd_routed).
         self._unrouted: set[Address] = set()
         self.watchdog_interval = 0.0
         # Set when a loop keeps crashing: the daemon exits non-zero (systemd restarts it).
@@ -470,7 +470,7 @@ class Core:
                 desired, full=full, before_add=lambda rec: self._route_first(rec, net))
             await self.routing.reconcile(self._desired_routes(net), verify=full)
             if self._unrouted:
-                await self._readd_routed()
+                await self._readd_routed(net)
             if self.userspace is not None and reasons and reasons != ["start"]:
                 try:
                     await self.userspace.network_changed(net)
@@ -510,36 +510,35 @@ class Core:
         self._kernel_seen = seen
 
     async def _route_first(self, endpoint: OwnedEndpoint, net: NetworkSnapshot) -> None:
-        """The kernel opens an endpoint's subflows inside the add: without
-        its source route by then they leave through the main table's route,
-        or go on-link and die unanswered, and are never tried again."""
+        """The kernel opens an endpoint's subflows inside the add: a subflow
+        routed by the source route alone (the endpoint names no device, or
+        the main table has no route through it) needs that route by then."""
         assert self.routing is not None
-        wanted = desired_routes([endpoint], net, self.config.routing)
-        if not wanted and self.config.routing.source_routes and \
+        if gateway_of(endpoint, net) is None and \
                 endpoint.flags & (EndpointFlags.SUBFLOW | EndpointFlags.FULLMESH):
             self._unrouted.add(endpoint.address)
         else:
             self._unrouted.discard(endpoint.address)
-        await self.routing.ensure(wanted)
+        await self.routing.ensure(desired_routes([endpoint], net, self.config.routing))
 
-    async def _readd_routed(self) -> None:
+    async def _readd_routed(self, net: NetworkSnapshot) -> None:
         """An address usually gets its gateway a moment after it appears
-        (DHCP, a link coming back): the subflows the kernel opened from its
-        endpoint in between left without a source route, most likely went
-        nowhere, and are never tried again. Once the route is there, the
-        endpoint is added again if a connection lacks a subflow from it, and
-        the kernel opens them anew."""
-        assert self.reconciler is not None and self.routing is not None
+        (DHCP, a link set up again): the subflows the kernel opened from its
+        endpoint in between had no way out, went on-link unanswered, and
+        are never tried again. Once the interface has a gateway (and the
+        source route is in), the endpoint is added again if a connection
+        lacks a subflow from it, and the kernel opens them anew."""
+        assert self.reconciler is not None
         owned = {rec.address: rec for rec in self.reconciler.owned.values()}
         for address in list(self._unrouted):
             rec = owned.get(address)
             if rec is None:
                 self._unrouted.discard(address)
-            elif address in self.routing.owned:
+            elif gateway_of(rec, net) is not None:
                 self._unrouted.discard(address)
                 if not self.connections.lacking_subflow_from(address):
                     continue
-                if not await self.reconciler.readd(rec, "its source route came after it"):
+                if not await self.reconciler.readd(rec, "its interface got a gateway after it"):
                     self.request_reconcile("endpoint re-add not done")
 
     def _desired_routes(self, net: NetworkSnapshot) -> dict[Any, Any]:

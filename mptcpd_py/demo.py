@@ -93,6 +93,13 @@ def _config_text(state_dir: str) -> str:
                         "left as is\nsubflows = 2", "[kernel.limits]\nsubflows = 4")
 
 
+def _default_route(path: int) -> tuple[str, ...]:
+    """The client's default route over PATHS[path] (eth0 preferred)."""
+    c_if, _s, _c, s_addr, _f = PATHS[path]
+    return ("route", "replace", "default", "via", s_addr, "dev", c_if,
+            "metric", str(100 * (path + 1)))
+
+
 def _log_time(entry: dict[str, Any]) -> float:
     try:
         return datetime.datetime.fromisoformat(str(entry["timestamp"])).timestamp()
@@ -124,9 +131,8 @@ class Demo:
             server.ip("addr", "add", f"{s_addr}/24", "dev", s_if)
             shape(client, c_if, self.rate * factor)
             shape(server, s_if, self.rate * factor)
-        for metric, (c_if, _s, _c, s_addr, _f) in enumerate(PATHS, 1):
-            client.ip("route", "add", "default", "via", s_addr, "dev", c_if,
-                      "metric", str(100 * metric))
+        for path in range(len(PATHS)):
+            client.ip(*_default_route(path))
         server.ip("mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "8")
         return client, server
 
@@ -140,7 +146,8 @@ class Demo:
         for entry in self.new_log():
             event = entry.get("event", "")
             if event not in ("endpoint added", "endpoint removed", "endpoint flags changed",
-                             "source route added", "source route removed"):
+                             "endpoint re-added", "source route added",
+                             "source route removed"):
                 continue
             after = _log_time(entry) - since
             what = f"{event} {entry.get('addr')}"
@@ -250,8 +257,13 @@ class Demo:
         cell = self.run_phase("only wwan0 (backup)", self.seconds * 0.7, client)
         s.say(f"      connection {'alive' if cell.alive else 'LOST'} on the backup; longest "
               f"stall {cell.stall or 0:.3f} s")
-        self.change(client, "$ ip link set eth0 up; ip link set wlan0 up",
-                    ("link", "set", "eth0", "up"), ("link", "set", "wlan0", "up"))
+        # Setting a link down deleted its IPv4 routes: put the default
+        # routes back as DHCP (or NetworkManager) would once it is up.
+        links_back: list[tuple[str, ...]] = [("link", "set", "eth0", "up"),
+                                             ("link", "set", "wlan0", "up")]
+        self.change(client, "$ ip link set eth0 up; ip link set wlan0 up; ip route add default "
+                    "via 192.0.2.2 / 198.51.100.2 (as DHCP would)",
+                    *links_back, *(_default_route(i) for i in (0, 1)))
         back = self.run_phase("eth0 + wlan0 back", self.seconds, client)
         s.say(f"      traffic back on the primary paths; wwan0 carries "
               f"{back.rates['wwan0']:.1f} Mbit/s")

@@ -263,6 +263,8 @@ class NetworkModel:
                 self.links[link.index] = link
                 if old is not None and old.name != link.name:
                     self._devtypes.pop((link.index, old.name), None)
+                if old is not None and old.up and not link.up:
+                    self._drop_silently_flushed(link.index)
             self._changed(links_or_routes=True)
             return True
         if isinstance(event, AddressEvent):
@@ -272,6 +274,11 @@ class NetworkModel:
                 if self.addresses.pop(key, None) is None:
                     return False
                 self._ignored_at_start.discard(key)
+                last_ipv4 = addr.address.version == 4 and not any(
+                    index == addr.index and a.version == 4 for index, a in self.addresses)
+                if last_ipv4 and self._drop_silently_flushed(addr.index):
+                    self._changed(links_or_routes=True)
+                    return True
             else:
                 if self.addresses.get(key) == addr:
                     return False
@@ -284,6 +291,16 @@ class NetworkModel:
                 return True
             return False
         return False
+
+    def _drop_silently_flushed(self, index: int) -> bool:
+        """The kernel deletes a link's IPv4 routes when the link is set down
+        or loses its last IPv4 address, and sends no RTM_DELROUTE for them
+        (IPv6 does send its own): forget them here too."""
+        gone = [k for k, route in self.defaults.items()
+                if route.oif == index and route.family == socket.AF_INET]
+        for key in gone:
+            del self.defaults[key]
+        return bool(gone)
 
     def _apply_route(self, route: Route, removed: bool) -> bool:
         if not route.is_default or route.table != RT_TABLE_MAIN or route.type != RTN_UNICAST:

@@ -48,6 +48,19 @@ def _host(address: Address) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
 
 
+def gateway_of(ep: OwnedEndpoint, net: NetworkSnapshot) -> tuple[int, Address] | None:
+    """The endpoint's interface and that interface's gateway for the
+    endpoint's family (None: no default route through it)."""
+    index = ep.ifindex
+    if not index:
+        cand = net.candidate(ep.address)
+        if cand is None:
+            return None
+        index = cand.interface.index
+    gateway = net.gateway(index, _family(ep.address))
+    return None if gateway is None else (index, gateway)
+
+
 def desired_routes(
     endpoints: Iterable[OwnedEndpoint], net: NetworkSnapshot, cfg: RoutingConfig
 ) -> dict[Address, OwnedRoute]:
@@ -57,15 +70,10 @@ def desired_routes(
         return out
     by_addr = {(a.index, a.address): a for a in net.addresses}
     for ep in endpoints:
-        index = ep.ifindex
-        if not index:
-            cand = net.candidate(ep.address)
-            if cand is None:
-                continue
-            index = cand.interface.index
-        gateway = net.gateway(index, _family(ep.address))
-        if gateway is None:
+        found = gateway_of(ep, net)
+        if found is None:
             continue
+        index, gateway = found
         addr = by_addr.get((index, ep.address))
         subnet = ""
         if addr is not None and addr.prefixlen < ep.address.max_prefixlen:

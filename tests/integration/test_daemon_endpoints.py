@@ -217,6 +217,35 @@ def test_default_route_added_later_makes_the_address_eligible_at_once(
     assert d.stop() == 0
 
 
+def test_a_link_set_down_loses_its_ipv4_default_route_for_the_daemon_too(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    """The kernel deletes a link's IPv4 routes when it is set down and sends
+    no message for them: the daemon forgets them too, so after the link is
+    up again its address waits for a default route, as configured."""
+    cfg = daemon_config(str(tmp_path / "state"),
+                        extra="[network]\nrequire_default_route = true\n")
+    box.ip("route", "add", "default", "via", "192.0.2.254", "dev", "eth0")
+    d = daemons(box, cfg).start()
+    assert "192.0.2.1" in endpoints(box)
+    box.ip("link", "set", "eth0", "down")
+    wait_for(lambda: "192.0.2.1" not in endpoints(box), what="endpoint gone with the link")
+    box.ip("link", "set", "eth0", "up")
+    # Events come in order: once an address added after this has its
+    # endpoint, and a reload's full pass is over, eth0's return was seen.
+    box.ip("addr", "add", "198.51.100.1/24", "dev", "eth1")
+    box.ip("route", "add", "default", "via", "198.51.100.254", "dev", "eth1", "metric", "200")
+    wait_for(lambda: "198.51.100.1" in endpoints(box), what="eth1's endpoint")
+    d.send(signal.SIGHUP)
+    d.wait_log("reloaded")
+    assert "192.0.2.1" not in endpoints(box)
+    assert "from 192.0.2.1 " not in box.ip("rule", "show")
+    box.ip("route", "add", "default", "via", "192.0.2.254", "dev", "eth0")  # as DHCP would
+    wait_for(lambda: "192.0.2.1" in endpoints(box), what="eligible again with a route")
+    wait_for(lambda: "from 192.0.2.1 lookup" in box.ip("rule", "show"), what="source route")
+    assert d.errors() == []
+    assert d.stop() == 0
+
+
 def test_another_path_manager_in_the_namespace_refuses_start(
         box: Netns, daemons, tmp_path: Path) -> None:
     fake = box.popen(["python3", "-c", "open('/proc/self/comm','w').write('mptcpd');"
@@ -407,16 +436,19 @@ def _peer_data_exchanged(pair: MptcpPair) -> None:
     pair.client.recv(1)
 
 
+@pytest.mark.parametrize("source_routes", [True, False])
 def test_an_endpoint_older_than_its_gateway_is_added_again_once_routed(
-        lab: Lab, daemons, tmp_path: Path) -> None:
+        lab: Lab, daemons, tmp_path: Path, source_routes: bool) -> None:
     """eth1 has its address before its default route (as with DHCP): the
     join the kernel opens from it goes on-link and fails. When the default
-    route comes, the daemon adds the source route, then the endpoint again,
-    and the kernel opens the join anew, this time through the gateway."""
+    route comes, the daemon adds the source route (if configured to), then
+    the endpoint again, and the kernel opens the join anew, through the
+    gateway."""
     tp = TwoPaths(lab, default_routes=False)
     tp.add_default_routes(0)
     tp.server.sysctl("net.ipv4.conf.all.arp_ignore", 1)
-    d = daemons(tp.client, daemon_config(str(tmp_path / "state"))).start()
+    extra = "" if source_routes else "[routing]\nsource_routes = false\n"
+    d = daemons(tp.client, daemon_config(str(tmp_path / "state"), extra=extra)).start()
     before = endpoints(tp.client)[tp.client_addr(1)]
     pair = mptcp_connect(tp.client, mptcp_listen(tp.server, "0.0.0.0"),
                          address=tp.server_addr(0))
@@ -429,10 +461,11 @@ def test_an_endpoint_older_than_its_gateway_is_added_again_once_routed(
         wait_for(lambda: _joined_from(tp.client, tp.client_addr(1)),
                  what="a join from eth1 through its gateway")
         readded = d.wait_log("endpoint re-added", addr=tp.client_addr(1))
-        assert readded["reason"] == "its source route came after it"
+        assert readded["reason"] == "its interface got a gateway after it"
         assert endpoints(tp.client)[tp.client_addr(1)] == before  # same id and flags
         events = [line["event"] for line in d.logs() if line.get("addr") == tp.client_addr(1)]
-        assert events == ["endpoint added", "source route added", "endpoint re-added"], events
+        assert events == ["endpoint added", *(["source route added"] if source_routes else []),
+                          "endpoint re-added"], events
         assert d.errors() == []
         assert d.stop() == 0
     finally:
@@ -441,13 +474,12 @@ def test_an_endpoint_older_than_its_gateway_is_added_again_once_routed(
 
 def test_a_returning_link_gets_its_source_route_before_its_endpoint(
         lab: Lab, daemons, tmp_path: Path) -> None:
-    """The kernel opens an endpoint's subflows inside the add. If the source
-    route came after, the join from eth1 to the server's eth0 address would
-    go on-link, wait for an ARP answer no real gateway gives (the server
-    here answers only for addresses on the asking link), fail, and never be
-    tried again: the connection would keep one path after a link flap."""
+    """The kernel opens an endpoint's subflows inside the add, and a subflow
+    routed by the source route alone (an endpoint without a device, a main
+    table without a route through it) needs that route by then. Carrier
+    loss keeps the link's routes, so the gateway is known when the endpoint
+    comes back: source route, then endpoint, then the join, no re-add."""
     tp = TwoPaths(lab)
-    tp.server.sysctl("net.ipv4.conf.all.arp_ignore", 1)
     d = daemons(tp.client, daemon_config(str(tmp_path / "state"))).start()
     wait_for(lambda: tp.client_addr(1) in endpoints(tp.client), what="eth1 endpoint")
     pair = mptcp_connect(tp.client, mptcp_listen(tp.server, "0.0.0.0"),
@@ -459,15 +491,15 @@ def test_a_returning_link_gets_its_source_route_before_its_endpoint(
             return _joined_from(tp.client, tp.client_addr(1))
 
         wait_for(joined_from_eth1, what="the first join from eth1")
-        tp.client.ip("link", "set", tp.ifnames[1], "down")
+        tp.server.ip("link", "set", tp.server_ifnames[1], "down")  # eth1 loses its carrier
         wait_for(lambda: tp.client_addr(1) not in endpoints(tp.client), what="endpoint gone")
         wait_for(lambda: not joined_from_eth1(), what="the eth1 subflow closed")
-        tp.client.ip("link", "set", tp.ifnames[1], "up")
-        wait_for(joined_from_eth1, what="a new join from eth1 after the link came back")
-        assert "FAILED" not in tp.client.ip("neigh", "show", "dev", tp.ifnames[1])
+        tp.server.ip("link", "set", tp.server_ifnames[1], "up")
+        wait_for(joined_from_eth1, what="a new join from eth1 after the carrier came back")
         events = [line["event"] for line in d.logs()
                   if line.get("addr") == tp.client_addr(1)]
         assert events[-2:] == ["source route added", "endpoint added"], events
+        assert "endpoint re-added" not in events
         assert d.errors() == []
         assert d.stop() == 0
     finally:

@@ -120,6 +120,35 @@ def test_link_removal_forgets_its_addresses_and_routes() -> None:
     assert m.snapshot().gateway(2, socket.AF_INET) is None
 
 
+def test_ipv4_routes_the_kernel_flushes_without_a_message_are_forgotten() -> None:
+    m = model()
+    m.apply(RouteEvent(default_route(2, "2001:db8::fe")))
+    # Carrier loss: the kernel keeps the routes (flagged linkdown).
+    m.apply(LinkEvent(link(2, "eth0", IFF_UP)))
+    assert m.snapshot().gateway(2, socket.AF_INET) == A("192.0.2.254")
+    # Set down: its IPv4 routes are gone, with no RTM_DELROUTE; IPv6 sends its own.
+    assert m.apply(LinkEvent(link(2, "eth0", 0)))
+    assert m.snapshot().gateway(2, socket.AF_INET) is None
+    assert m.snapshot().gateway(2, socket.AF_INET6) == A("2001:db8::fe")
+    # Up again: nothing comes back by itself.
+    m.apply(LinkEvent(link(2, "eth0")))
+    assert m.snapshot().gateway(2, socket.AF_INET) is None
+
+
+def test_the_last_ipv4_address_leaving_takes_the_links_ipv4_routes() -> None:
+    m = model()
+    m.apply(AddressEvent(addr(2, "192.0.2.7")))
+    m.apply(AddressEvent(addr(2, "192.0.2.7"), removed=True))
+    assert m.snapshot().gateway(2, socket.AF_INET) == A("192.0.2.254")  # 192.0.2.1 is left
+    assert m.apply(AddressEvent(addr(2, "192.0.2.1"), removed=True))
+    assert m.snapshot().gateway(2, socket.AF_INET) is None
+    assert m.snapshot().gateway(3, socket.AF_INET) is None  # other links untouched
+    m.apply(RouteEvent(default_route(3, "198.51.100.254")))
+    m.apply(AddressEvent(addr(3, "2001:db8:3::1")))
+    m.apply(AddressEvent(addr(3, "2001:db8:3::1"), removed=True))  # not IPv4: no effect
+    assert m.snapshot().gateway(3, socket.AF_INET) == A("198.51.100.254")
+
+
 def test_include_order_is_the_priority_then_interface_order() -> None:
     m = model(NetworkConfig(include=("wlan*", "*")))
     assert eligible(m) == ["198.51.100.1", "192.0.2.1", "2001:db8::1"]
