@@ -25,7 +25,7 @@ from typing import Any
 
 from mptcpd_py.config import Config
 from mptcpd_py.connections import ConnectionTable
-from mptcpd_py.endpoints import EndpointReconciler, Operation
+from mptcpd_py.endpoints import EndpointReconciler, Key, Operation
 from mptcpd_py.errors import KernelError
 from mptcpd_py.kernel_settings import apply_kernel_settings, restore_kernel_settings
 from mptcpd_py.loader import Available
@@ -36,7 +36,6 @@ from mptcpd_py.netlink.probe import probe_capabilities
 from mptcpd_py.netlink.rtnl import Rtnl, RtnlEvents, main_default_route
 from mptcpd_py.netlink.types import (
     CHANGEABLE_FLAGS,
-    Address,
     AddressEvent,
     Capabilities,
     EndpointFlags,
@@ -53,6 +52,11 @@ from mptcpd_py.routing import SourceRouting, desired_routes, gateway_of
 from mptcpd_py.state import OwnedEndpoint, StateStore
 from mptcpd_py.supervise import supervise
 from mptcpd_py.sysctl import active_path_manager, read_mptcp_sysctl
+
+#: Seconds after an endpoint's add (its interface without a gateway) during
+#: which a gateway's arrival re-adds it: DHCP and a link set up again bring
+#: theirs within seconds.
+UNROUTED_WINDOW = 30.0
 
 #: Upper bounds (seconds) of the event-handling latency histogram's buckets.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -170,8 +174,8 @@ class Core:
         self._waiting: set[tuple[Any, int]] = set()
         self._kernel_seen: dict[str, str] = {}
         # Endpoints (that open subflows) added while their interface had no
-        # gateway: re-added once it has one (see _readd_routed).
-        self._unrouted: set[Address] = set()
+        # gateway, with when: re-added if it gets one soon (_readd_routed).
+        self._unrouted: dict[Key, float] = {}
         self.watchdog_interval = 0.0
         # Set when a loop keeps crashing: the daemon exits non-zero (systemd restarts it).
         self.failed = asyncio.Event()
@@ -516,30 +520,32 @@ class Core:
         assert self.routing is not None
         if gateway_of(endpoint, net) is None and \
                 endpoint.flags & (EndpointFlags.SUBFLOW | EndpointFlags.FULLMESH):
-            self._unrouted.add(endpoint.address)
+            self._unrouted[endpoint.key] = time.monotonic()
         else:
-            self._unrouted.discard(endpoint.address)
+            self._unrouted.pop(endpoint.key, None)
         await self.routing.ensure(desired_routes([endpoint], net, self.config.routing))
 
     async def _readd_routed(self, net: NetworkSnapshot) -> None:
-        """An address usually gets its gateway a moment after it appears
-        (DHCP, a link set up again): the subflows the kernel opened from its
+        """An address often gets its gateway a moment after it appears (DHCP,
+        a link set up again): the subflows the kernel opened from its
         endpoint in between had no way out, went on-link unanswered, and
-        are never tried again. Once the interface has a gateway (and the
-        source route is in), the endpoint is added again if a connection
-        lacks a subflow from it, and the kernel opens them anew."""
+        are never tried again. When the interface gets a gateway within
+        UNROUTED_WINDOW (this pass has put its source route in, if any),
+        the endpoint is added again if a connection lacks a subflow from
+        it, and the kernel opens them anew. Later, it is left alone: by then
+        its subflows may well be working on-link, and a re-add closes them."""
         assert self.reconciler is not None
-        owned = {rec.address: rec for rec in self.reconciler.owned.values()}
-        for address in list(self._unrouted):
-            rec = owned.get(address)
-            if rec is None:
-                self._unrouted.discard(address)
+        now = time.monotonic()
+        for key, since in list(self._unrouted.items()):
+            rec = self.reconciler.owned.get(key)
+            if rec is None or now - since > UNROUTED_WINDOW:
+                del self._unrouted[key]
             elif gateway_of(rec, net) is not None:
-                self._unrouted.discard(address)
-                if not self.connections.lacking_subflow_from(address):
+                del self._unrouted[key]
+                if not self.connections.lacking_subflow_from(rec.address):
                     continue
                 if not await self.reconciler.readd(rec, "its interface got a gateway after it"):
-                    self.request_reconcile("endpoint re-add not done")
+                    self.request_reconcile("endpoint re-add not done", full=True)
 
     def _desired_routes(self, net: NetworkSnapshot) -> dict[Any, Any]:
         """Source routes for our endpoints (kernel PM), or for every eligible

@@ -405,13 +405,16 @@ class EndpointReconciler:
         """Delete one owned endpoint and add it again with the same id: the
         kernel opens an endpoint's subflows only when it is added, so this
         is how connections get the ones that failed before. False when it
-        is no longer ours or the kernel refused (the next pass puts back
-        whatever is missing)."""
+        is no longer ours (forgotten, as a pass would) or the kernel refused
+        the add (not kept as ours; a full pass puts it back)."""
         op = Operation(ADD, rec, reason)
         try:
             if not await self._still_ours(rec):
+                self.observed = [e for e in self.observed if e.id != rec.id]
+                self._forget([rec], PassResult())
                 return False
-            await self.pm.delete_endpoint(rec.id, rec.address)
+            with contextlib.suppress(NoSuchEndpoint):  # gone already: add it all the same
+                await self.pm.delete_endpoint(rec.id, rec.address)
             self.store.drop_endpoint(rec)
             self.observed = [e for e in self.observed if e.id != rec.id]
             op = Operation(ADD, await self._add(op), reason)

@@ -295,7 +295,11 @@ class NetworkModel:
     def _drop_silently_flushed(self, index: int) -> bool:
         """The kernel deletes a link's IPv4 routes when the link is set down
         or loses its last IPv4 address, and sends no RTM_DELROUTE for them
-        (IPv6 does send its own): forget them here too."""
+        (IPv6 sends its own unless net.ipv6.route.skip_notify_on_dev_down):
+        forget them here too. A multipath default route is known here by
+        its first nexthop and is forgotten with that nexthop's link, though
+        the kernel keeps it while another nexthop lives (its next route
+        event brings it back)."""
         gone = [k for k, route in self.defaults.items()
                 if route.oif == index and route.family == socket.AF_INET]
         for key in gone:

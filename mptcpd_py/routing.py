@@ -141,6 +141,9 @@ class SourceRouting:
             have = self.owned.get(address)
             if have is not None and have != want:
                 await self._remove(have)
+            conflict = self.foreign.get(address)
+            if conflict is not None and conflict[0] != want:
+                del self.foreign[address]  # that conflict was about another route
             if address not in self.owned and address not in self.foreign:
                 await self._add(want)
 

@@ -247,12 +247,13 @@ async def test_readd_deletes_and_adds_the_same_endpoint_or_does_nothing(rig) -> 
     assert rec.owned[(A("192.0.2.1"), 0)] == first and kernel.eps[1].flags == first.flags
     assert ("info", "endpoint re-added", "192.0.2.1") in [
         (level, event, fields.get("addr")) for level, event, fields in log.lines]
-    # Someone else's endpoint now has our id: left alone.
+    # Someone else's endpoint now has our id: left alone, ours forgotten.
     del kernel.eps[1]
     kernel.eps[1] = Endpoint(1, A("203.0.113.9"), F.SIGNAL)
     kernel.calls.clear()
     assert not await rec.readd(first, "routed now")
     assert [c[0] for c in kernel.calls] == ["get"]
+    assert first.key not in rec.owned and 1 not in {e.id for e in rec.observed}
     # Refused on the add: not kept as ours (the next pass adds it back).
     second = rec.owned[(A("192.0.2.2"), 0)]
     kernel.fail[("add", "192.0.2.2")] = KernelError(errno.EIO, "mystery", "add endpoint")
@@ -260,6 +261,17 @@ async def test_readd_deletes_and_adds_the_same_endpoint_or_does_nothing(rig) -> 
     assert (A("192.0.2.2"), 0) not in store.state.endpoints and 2 not in kernel.eps
     assert any(level == "warning" and event == "endpoint add failed"
                for level, event, _ in log.lines)
+    # Deleted by someone else between our check and our delete: added back.
+    await rec.reconcile([want("198.51.100.1")])
+    third = rec.owned[(A("198.51.100.1"), 0)]
+
+    async def deleted_just_before(id: int, address: Any = None) -> None:
+        del kernel.eps[id]
+        raise NoSuchEndpoint(errno.EINVAL, "address not found", "delete endpoint")
+
+    kernel.delete_endpoint = deleted_just_before  # type: ignore[method-assign]
+    assert await rec.readd(third, "routed now")
+    assert rec.owned[third.key] == third and kernel.eps[third.id].address == third.address
 
 
 async def test_id_taken_behind_our_back_is_resolved_by_re_planning(rig) -> None:
