@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from mptcpd_py.config import parse_config
 from mptcpd_py.core import Core
@@ -40,13 +40,13 @@ from mptcpd_py.netlink.types import (
     AddressFlags,
     IfAddress,
     Link,
-    MptcpEvent,
     MptcpEventType,
     Route,
 )
 from mptcpd_py.userspace import UserspacePM
 
 UP = IFF_UP | IFF_RUNNING | IFF_LOWER_UP
+E = TypeVar("E")
 FIRST, SECOND, PEER = (ipaddress.IPv4Address(a) for a in
                        ("192.0.2.1", "198.51.100.1", "192.0.2.2"))
 
@@ -105,16 +105,19 @@ def connection_events(token: int, port: int) -> list[bytes]:
             _event(MptcpEventType.CLOSED, c.u32(c.EV_TOKEN, token))]
 
 
-class Replay:
-    """The core's event stream, from a list."""
+class Replay(Generic[E]):
+    """One of the core's event streams, from a list."""
 
-    def __init__(self, events: list[MptcpEvent]) -> None:
+    def __init__(self, events: list[E]) -> None:
         self.events = iter(events)
 
-    def __aiter__(self) -> AsyncIterator[MptcpEvent]:
+    def __len__(self) -> int:
+        return 0  # nothing queued behind: each event is handled on its own, as live
+
+    def __aiter__(self) -> AsyncIterator[E]:
         return self
 
-    async def __anext__(self) -> MptcpEvent:
+    async def __anext__(self) -> E:
         try:
             return next(self.events)
         except StopIteration:

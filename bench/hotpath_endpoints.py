@@ -25,10 +25,10 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from bench.daemons import py_config
+from bench.hotpath import Replay
 from mptcpd_py.config import parse_config
 from mptcpd_py.core import Core
 from mptcpd_py.endpoints import ALL_KEPT, EndpointReconciler
@@ -48,7 +48,6 @@ from mptcpd_py.netlink.types import (
     Endpoint,
     EndpointFlags,
     Link,
-    RtnlEvent,
 )
 from mptcpd_py.routing import SourceRouting
 
@@ -89,25 +88,6 @@ class NoRoutes:
 
     async def routes(self, wanted: Any = None) -> list[Any]:
         return []
-
-
-class Replay:
-    """The core's rtnetlink event stream, from a list."""
-
-    def __init__(self, events: list[RtnlEvent]) -> None:
-        self.events = iter(events)
-
-    def __len__(self) -> int:
-        return 0  # nothing queued behind: each event is handled on its own, as live
-
-    def __aiter__(self) -> AsyncIterator[RtnlEvent]:
-        return self
-
-    async def __anext__(self) -> RtnlEvent:
-        try:
-            return next(self.events)
-        except StopIteration:
-            raise StopAsyncIteration from None
 
 
 def address_message(kind: int, address: ipaddress.IPv4Address) -> RawMessage:
