@@ -25,7 +25,7 @@ from typing import Any
 
 from mptcpd_py.config import Config
 from mptcpd_py.connections import ConnectionTable
-from mptcpd_py.endpoints import EndpointReconciler, Key, Operation
+from mptcpd_py.endpoints import EndpointReconciler, Key, Operation, PassResult
 from mptcpd_py.errors import KernelError
 from mptcpd_py.kernel_settings import apply_kernel_settings, restore_kernel_settings
 from mptcpd_py.loader import Available
@@ -544,8 +544,12 @@ class Core:
                 del self._unrouted[key]
                 if not self.connections.lacking_subflow_from(rec.address):
                     continue
-                if not await self.reconciler.readd(rec, "its interface got a gateway after it"):
+                result = PassResult()
+                if not await self.reconciler.readd(rec, "its interface got a gateway after it",
+                                                   result):
                     self.request_reconcile("endpoint re-add not done", full=True)
+                for _op, error in result.failed:
+                    self._record_error(error)
 
     def _desired_routes(self, net: NetworkSnapshot) -> dict[Any, Any]:
         """Source routes for our endpoints (kernel PM), or for every eligible

@@ -401,17 +401,20 @@ class EndpointReconciler:
                 self.on_operation(op, None)
         return surprised
 
-    async def readd(self, rec: OwnedEndpoint, reason: str) -> bool:
+    async def readd(self, rec: OwnedEndpoint, reason: str,
+                    result: PassResult | None = None) -> bool:
         """Delete one owned endpoint and add it again with the same id: the
         kernel opens an endpoint's subflows only when it is added, so this
         is how connections get the ones that failed before. False when it
         is no longer ours (forgotten, as a pass would) or the kernel refused
-        the add (not kept as ours; a full pass puts it back)."""
+        the add (not kept as ours; a full pass puts it back; the refusal is
+        in ``result.failed``)."""
+        result = result if result is not None else PassResult()
         op = Operation(ADD, rec, reason)
         try:
             if not await self._still_ours(rec):
                 self.observed = [e for e in self.observed if e.id != rec.id]
-                self._forget([rec], PassResult())
+                self._forget([rec], result)
                 return False
             with contextlib.suppress(NoSuchEndpoint):  # gone already: add it all the same
                 await self.pm.delete_endpoint(rec.id, rec.address)
@@ -419,7 +422,7 @@ class EndpointReconciler:
             self.observed = [e for e in self.observed if e.id != rec.id]
             op = Operation(ADD, await self._add(op), reason)
         except KernelError as exc:
-            self._failed(op, exc, PassResult(), level="warning")
+            self._failed(op, exc, result, level="warning")
             return False
         finally:
             self.store.checkpoint()

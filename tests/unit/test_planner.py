@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from recording_log import RecordingLog as Log
 
-from mptcpd_py.endpoints import ADD, DELETE, SET_FLAGS, EndpointReconciler, plan
+from mptcpd_py.endpoints import ADD, DELETE, SET_FLAGS, EndpointReconciler, PassResult, plan
 from mptcpd_py.errors import (
     EndpointExists,
     EndpointIdBusy,
@@ -257,7 +257,10 @@ async def test_readd_deletes_and_adds_the_same_endpoint_or_does_nothing(rig) -> 
     # Refused on the add: not kept as ours (the next pass adds it back).
     second = rec.owned[(A("192.0.2.2"), 0)]
     kernel.fail[("add", "192.0.2.2")] = KernelError(errno.EIO, "mystery", "add endpoint")
-    assert not await rec.readd(second, "routed now")
+    result = PassResult()
+    assert not await rec.readd(second, "routed now", result)
+    assert [(op.endpoint.address, exc.errno) for op, exc in result.failed] == \
+        [(A("192.0.2.2"), errno.EIO)]
     assert (A("192.0.2.2"), 0) not in store.state.endpoints and 2 not in kernel.eps
     assert any(level == "warning" and event == "endpoint add failed"
                for level, event, _ in log.lines)
