@@ -109,6 +109,11 @@ class NetworkSnapshot:
     def address_interfaces(self) -> frozenset[tuple[Address, int]]:
         return frozenset((a.address, a.index) for a in self.addresses)
 
+    @_computed_once
+    def address_on(self) -> Mapping[tuple[int, Address], IfAddress]:
+        """(interface index, address) -> the address (its prefix length)."""
+        return {(a.index, a.address): a for a in self.addresses}
+
     def interface(self, name: str) -> Interface | None:
         for iface in self.interfaces.values():
             if iface.name == name:

@@ -68,13 +68,12 @@ def desired_routes(
     out: dict[Address, OwnedRoute] = {}
     if not cfg.source_routes:
         return out
-    by_addr = {(a.index, a.address): a for a in net.addresses}
     for ep in endpoints:
         found = gateway_of(ep, net)
         if found is None:
             continue
         index, gateway = found
-        addr = by_addr.get((index, ep.address))
+        addr = net.address_on.get((index, ep.address))
         subnet = ""
         if addr is not None and addr.prefixlen < ep.address.max_prefixlen:
             subnet = str(addr.network)
