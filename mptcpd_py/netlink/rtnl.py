@@ -241,6 +241,31 @@ def main_default_route(data: bytes) -> bool:
     return data[17] == 0 and data[20] == RT_TABLE_MAIN_ID
 
 
+def _host_u16_as_loaded(value: int) -> int:
+    """What a classic BPF half-word load (network order) reads for a
+    host-order u16 such as nlmsg_type."""
+    return int.from_bytes(struct.pack("=H", value), "big")
+
+
+# Classic BPF: (code, jt, jf, k). Keeps every message but the route ones
+# that main_default_route would drop, so that a host with dynamic routing
+# (thousands of route changes a second) does not wake the daemon for each.
+_LD_H, _LD_B, _JEQ, _RET = 0x28, 0x30, 0x15, 0x06
+_KEEP, _DROP = 0xFFFFFFFF, 0
+ROUTE_EVENT_FILTER = (
+    (_LD_H, 0, 0, 4),                                         # nlmsg_type
+    (_JEQ, 2, 0, _host_u16_as_loaded(RTM_NEWROUTE)),
+    (_JEQ, 1, 0, _host_u16_as_loaded(RTM_DELROUTE)),
+    (_RET, 0, 0, _KEEP),                                      # not a route
+    (_LD_B, 0, 0, 16 + 1),                                    # rtm_dst_len
+    (_JEQ, 0, 3, 0),
+    (_LD_B, 0, 0, 16 + 4),                                    # rtm_table
+    (_JEQ, 0, 1, RT_TABLE_MAIN_ID),
+    (_RET, 0, 0, _KEEP),                                      # a main default route
+    (_RET, 0, 0, _DROP),
+)
+
+
 def in_tables(tables: Collection[int]) -> Callable[[bytes], bool]:
     """A raw-route test for "in one of these tables" that decodes nothing
     of a route in another table below 256 (main, local: the big ones)."""
@@ -380,6 +405,7 @@ class RtnlEvents(MulticastStream[RtnlEvent]):
     ) -> RtnlEvents:
         sock = NetlinkSocket(NETLINK_ROUTE, rcvbuf=rcvbuf, netns=netns)
         try:
+            sock.attach_filter(ROUTE_EVENT_FILTER)
             for group in cls.GROUPS:
                 sock.add_membership(group)
         except BaseException:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import queue
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ NETLINK_DROP_MEMBERSHIP = 2
 NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
 SO_RCVBUFFORCE = 33
+SO_ATTACH_FILTER = 26
+_SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
 
 NLMSG_NOOP = 1
 NLMSG_ERROR = 2
@@ -225,6 +228,14 @@ class NetlinkSocket:
 
     def drop_membership(self, group: int) -> None:
         self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, group)
+
+    def attach_filter(self, program: Sequence[tuple[int, int, int, int]]) -> None:
+        """A classic BPF socket filter, (code, jt, jf, k) per instruction: the
+        kernel drops what it rejects before it is queued, woken for or read."""
+        code = b"".join(_SOCK_FILTER.pack(*insn) for insn in program)
+        buf = ctypes.create_string_buffer(code, len(code))
+        fprog = struct.pack("@HP", len(program), ctypes.addressof(buf))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # copied by the kernel
 
     def start(self) -> None:
         """Start reading on the running loop (idempotent)."""

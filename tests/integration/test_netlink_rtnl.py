@@ -7,6 +7,8 @@ import ipaddress
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from mptcpd_py.lab import Lab
 from mptcpd_py.netlink.rtnl import Rtnl, RtnlEvents
 from mptcpd_py.netlink.types import AddressEvent, LinkEvent, Route, RouteEvent, Rule
@@ -103,3 +105,35 @@ async def test_route_and_rule_commands_in_a_private_table(lab: Lab) -> None:
         assert "10007" not in ns.ip("rule", "show")
     finally:
         rtnl.close()
+
+
+async def test_the_kernel_drops_route_events_the_model_has_no_use_for(
+        lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event socket's BPF filter keeps main-table default routes (both
+    families) and everything that is not a route: the local, broadcast and
+    prefix routes of an address, other tables and other prefixes never
+    reach the daemon."""
+    ns = lab.netns("f")
+    ns.stub_link("wan0")
+    received: list[tuple[int, int, int]] = []  # (type, rtm_dst_len, rtm_table) of each message
+    on_message = RtnlEvents._on_message
+
+    def record(self: RtnlEvents, raw: Any) -> None:
+        received.append((raw.type, raw.data[17], raw.data[20]))
+        on_message(self, raw)
+
+    monkeypatch.setattr(RtnlEvents, "_on_message", record)
+    events = RtnlEvents.open(netns=ns.name)
+    try:
+        ns.ip("addr", "add", "192.0.2.1/24", "dev", "wan0")  # local, broadcast, prefix routes
+        ns.ip("addr", "add", "2001:db8::1/64", "dev", "wan0", "nodad")
+        ns.ip("route", "add", "203.0.113.0/24", "via", "192.0.2.254")
+        ns.ip("route", "add", "default", "via", "192.0.2.253", "table", "10002")
+        ns.ip("route", "add", "default", "via", "192.0.2.254", "dev", "wan0")
+        ns.ip("-6", "route", "add", "default", "via", "2001:db8::fe", "dev", "wan0")
+        await wait_event(events, lambda e: isinstance(e, RouteEvent) and e.route.family == 10)
+        routes = [(dst_len, table) for kind, dst_len, table in received if kind in (24, 25)]
+        assert routes == [(0, 254), (0, 254)]
+        assert 20 in {kind for kind, _, _ in received}  # addresses still come
+    finally:
+        events.close()
