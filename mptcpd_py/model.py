@@ -279,9 +279,8 @@ class NetworkModel:
                 if self.addresses.pop(key, None) is None:
                     return False
                 self._ignored_at_start.discard(key)
-                last_ipv4 = addr.address.version == 4 and not any(
-                    index == addr.index and a.version == 4 for index, a in self.addresses)
-                if last_ipv4 and self._drop_silently_flushed(addr.index):
+                if addr.address.version == 4 and self._last_ipv4_gone(addr.index):
+                    self._drop_silently_flushed(addr.index)
                     self._changed(links_or_routes=True)
                     return True
             else:
@@ -297,7 +296,14 @@ class NetworkModel:
             return False
         return False
 
-    def _drop_silently_flushed(self, index: int) -> bool:
+    def _last_ipv4_gone(self, index: int) -> bool:
+        """The link has IPv4 default routes but no IPv4 address left (the
+        cheap test first: it spares a scan of every address per removal)."""
+        return any(r.oif == index and r.family == socket.AF_INET
+                   for r in self.defaults.values()) and \
+            not any(i == index and a.version == 4 for i, a in self.addresses)
+
+    def _drop_silently_flushed(self, index: int) -> None:
         """The kernel deletes a link's IPv4 routes when the link is set down
         or loses its last IPv4 address, and sends no RTM_DELROUTE for them
         (IPv6 sends its own unless net.ipv6.route.skip_notify_on_dev_down):
@@ -309,7 +315,6 @@ class NetworkModel:
                 if route.oif == index and route.family == socket.AF_INET]
         for key in gone:
             del self.defaults[key]
-        return bool(gone)
 
     def _apply_route(self, route: Route, removed: bool) -> bool:
         if not route.is_default or route.table != RT_TABLE_MAIN or route.type != RTN_UNICAST:

@@ -125,12 +125,12 @@ class SourceRouting:
         if verify and (self.owned or self.foreign):
             await self._verify()
         for address, have in list(self.owned.items()):
-            if wanted.get(address) != have:
+            if address not in wanted:
                 await self._remove(have)
-        for address, (want, _) in list(self.foreign.items()):
-            if wanted.get(address) != want:
+        for address in list(self.foreign):
+            if address not in wanted:
                 del self.foreign[address]
-        await self.ensure(wanted)
+        await self.ensure(wanted)  # corrects the rest
 
     async def ensure(self, wanted: dict[Address, OwnedRoute]) -> None:
         """Add (or correct) these routes and touch no others: what a pass
