@@ -15,7 +15,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
@@ -204,6 +204,9 @@ def read_devtype(name: str, sysfs: str = "/sys/class/net") -> str:
     return ""
 
 
+RouteKey = tuple[int, int, str, int]  # family, oif, gateway, priority
+
+
 class NetworkModel:
     """Links, addresses and main-table default routes, updated event by event."""
 
@@ -211,7 +214,11 @@ class NetworkModel:
         self.cfg = cfg
         self.links: dict[int, Link] = {}
         self.addresses: dict[tuple[int, Address], IfAddress] = {}
-        self.defaults: dict[tuple[int, int, str, int], Route] = {}
+        # Main-table default routes, one entry per path (a multipath route
+        # has one per nexthop, each with that nexthop's oif and gateway).
+        self.defaults: dict[RouteKey, Route] = {}
+        # Paths of multipath routes that the kernel keeps but does not use.
+        self._dead: dict[RouteKey, Route] = {}
         self.generation = 0
         self._devtypes: dict[tuple[int, str], str] = {}
         self._read_devtype = devtype_reader
@@ -230,6 +237,7 @@ class NetworkModel:
         self.links = {link.index: link for link in links}
         self.addresses = {(a.index, a.address): a for a in addresses}
         self.defaults = {}
+        self._dead = {}
         for route in routes:
             self._apply_route(route, removed=False)
         if initial and not self.cfg.existing:
@@ -259,8 +267,7 @@ class NetworkModel:
                     return False
                 for addr_key in [k for k in self.addresses if k[0] == link.index]:
                     del self.addresses[addr_key]
-                for route_key in [k for k in self.defaults if k[1] == link.index]:
-                    del self.defaults[route_key]
+                self._forget_link_routes(link.index)
             else:
                 old = self.links.get(link.index)
                 if old == link:
@@ -269,7 +276,9 @@ class NetworkModel:
                 if old is not None and old.name != link.name:
                     self._devtypes.pop((link.index, old.name), None)
                 if old is not None and old.up and not link.up:
-                    self._drop_silently_flushed(link.index)
+                    self._paths_down(link.index, (socket.AF_INET, socket.AF_INET6))
+                elif old is not None and link.up and not old.up:
+                    self._revive(link.index, (socket.AF_INET, socket.AF_INET6))
             self._changed(links_or_routes=True)
             return True
         if isinstance(event, AddressEvent):
@@ -280,13 +289,17 @@ class NetworkModel:
                     return False
                 self._ignored_at_start.discard(key)
                 if addr.address.version == 4 and self._last_ipv4_gone(addr.index):
-                    self._drop_silently_flushed(addr.index)
+                    self._paths_down(addr.index, (socket.AF_INET,))
                     self._changed(links_or_routes=True)
                     return True
             else:
                 if self.addresses.get(key) == addr:
                     return False
                 self.addresses[key] = addr
+                if addr.address.version == 4 and self._dead and self._revive(
+                        addr.index, (socket.AF_INET,)):
+                    self._changed(links_or_routes=True)
+                    return True
             self._changed()
             return True
         if isinstance(event, RouteEvent):
@@ -303,27 +316,74 @@ class NetworkModel:
                    for r in self.defaults.values()) and \
             not any(i == index and a.version == 4 for i, a in self.addresses)
 
-    def _drop_silently_flushed(self, index: int) -> None:
-        """The kernel deletes a link's IPv4 routes when the link is set down
-        or loses its last IPv4 address, and sends no RTM_DELROUTE for them
-        (IPv6 sends its own unless net.ipv6.route.skip_notify_on_dev_down):
-        forget them here too. A multipath default route is known here by
-        its first nexthop and is forgotten with that nexthop's link, though
-        the kernel keeps it while another nexthop lives (its next route
-        event brings it back)."""
-        gone = [k for k, route in self.defaults.items()
-                if route.oif == index and route.family == socket.AF_INET]
-        for key in gone:
+    # The kernel changes default routes without a message in these cases
+    # (seen on 6.18 with `ip monitor route`), so the model follows by itself:
+    # - a link set down, or left without IPv4 addresses: its IPv4 routes are
+    #   deleted (IPv6 ones are deleted with a message, unless
+    #   net.ipv6.route.skip_notify_on_dev_down); a multipath route's path
+    #   through it is kept but marked dead, in both families, and the route
+    #   goes when its last path dies;
+    # - the link up again, or given an IPv4 address: its dead paths revive;
+    # - a link deleted: every IPv4 multipath route with a path through it goes.
+
+    def _paths_down(self, index: int, families: tuple[int, ...]) -> None:
+        groups = set()
+        for key, route in list(self.defaults.items()):
+            if route.oif != index or route.family not in families:
+                continue
             del self.defaults[key]
+            if route.nexthops:
+                self._dead[key] = route
+                groups.add(_group(route))
+            # One path: IPv4 is flushed silently; IPv6 would send a message,
+            # but the route is gone either way.
+        for group in groups:
+            if not any(_group(r) == group for r in self.defaults.values()):
+                self._forget_group(group)
+
+    def _revive(self, index: int, families: tuple[int, ...]) -> bool:
+        link = self.links.get(index)
+        if link is None or not link.up:
+            return False
+        back = [k for k, r in self._dead.items() if r.oif == index and r.family in families]
+        for key in back:
+            self.defaults[key] = self._dead.pop(key)
+        return bool(back)
+
+    def _forget_link_routes(self, index: int) -> None:
+        for table in (self.defaults, self._dead):
+            for key, route in list(table.items()):
+                if route.oif != index:
+                    continue
+                if route.nexthops and route.family == socket.AF_INET:
+                    self._forget_group(_group(route))
+                table.pop(key, None)
+
+    def _forget_group(self, group: tuple[Any, ...]) -> None:
+        for table in (self.defaults, self._dead):
+            for key in [k for k, r in table.items() if r.nexthops and _group(r) == group]:
+                del table[key]
 
     def _apply_route(self, route: Route, removed: bool) -> bool:
         if not route.is_default or route.table != RT_TABLE_MAIN or route.type != RTN_UNICAST:
             return False
-        if not route.oif:
-            return False
+        if not route.nexthops:
+            return bool(route.oif) and self._apply_path(route, removed, dead=False)
+        changed = False
+        for nexthop in route.nexthops:
+            if nexthop.oif:
+                path = replace(route, oif=nexthop.oif, gateway=nexthop.gateway)
+                changed |= self._apply_path(path, removed, dead=nexthop.dead)
+        return changed
+
+    def _apply_path(self, route: Route, removed: bool, *, dead: bool) -> bool:
         key = (route.family, route.oif, str(route.gateway or ""), route.priority)
-        if removed:
+        if removed or dead:
+            self._dead.pop(key, None)
+            if dead and not removed:
+                self._dead[key] = route
             return self.defaults.pop(key, None) is not None
+        self._dead.pop(key, None)
         if self.defaults.get(key) == route:
             return False
         self.defaults[key] = route
@@ -412,6 +472,11 @@ class NetworkModel:
                 gateways.setdefault((route.oif, -route.family), _ANY[route.family])
         self._views = (MappingProxyType(interfaces), MappingProxyType(gateways))
         return self._views
+
+
+def _group(route: Route) -> tuple[Any, ...]:
+    """What identifies a multipath route among the paths the model keeps."""
+    return (route.family, route.priority, tuple((n.oif, n.gateway) for n in route.nexthops))
 
 
 _ANY: dict[int, Address] = {

@@ -41,6 +41,7 @@ from mptcpd_py.netlink.types import (
     Link,
     LinkEvent,
     Network,
+    Nexthop,
     Route,
     RouteEvent,
     RtnlEvent,
@@ -62,6 +63,7 @@ RTPROT_STATIC = 4
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
+RTNH_F_DEAD = 1
 FR_ACT_TO_TBL = 1
 
 _DUMP_RETRIES = 5
@@ -165,11 +167,11 @@ def decode_route(data: bytes) -> Route:
     gateway = _address(attrs.get(RTA_GATEWAY))
     oif = as_u32(attrs.get(RTA_OIF))
     multipath = attrs.get(RTA_MULTIPATH)
-    if multipath and gateway is None and len(multipath) >= _RTNEXTHOP.size:
-        length, _nh_flags, _hops, nh_oif = _RTNEXTHOP.unpack_from(multipath)
-        gateway = _address(parse_attrs(multipath, _RTNEXTHOP.size,
-                                  min(length, len(multipath))).get(RTA_GATEWAY))
-        oif = nh_oif or oif
+    nexthops: tuple[Nexthop, ...] = ()
+    if multipath and gateway is None:
+        nexthops = _nexthops(multipath)
+        if nexthops:
+            gateway, oif = nexthops[0].gateway, nexthops[0].oif or oif
     return Route(
         family=family,
         dst=_network(family, attrs.get(RTA_DST), dst_len),
@@ -181,7 +183,23 @@ def decode_route(data: bytes) -> Route:
         scope=scope,
         type=kind,
         prefsrc=_address(attrs.get(RTA_PREFSRC)),
+        nexthops=nexthops,
     )
+
+
+def _nexthops(multipath: bytes) -> tuple[Nexthop, ...]:
+    """RTA_MULTIPATH: rtnexthop headers, each followed by its attributes."""
+    out = []
+    offset = 0
+    while offset + _RTNEXTHOP.size <= len(multipath):
+        length, flags, _hops, oif = _RTNEXTHOP.unpack_from(multipath, offset)
+        if length < _RTNEXTHOP.size or offset + length > len(multipath):
+            break
+        nh_attrs = parse_attrs(multipath, offset + _RTNEXTHOP.size, offset + length)
+        out.append(Nexthop(oif, _address(nh_attrs.get(RTA_GATEWAY)),
+                           bool(flags & RTNH_F_DEAD)))
+        offset += (length + 3) & ~3
+    return tuple(out)
 
 
 def decode_rule(data: bytes) -> Rule:

@@ -326,6 +326,16 @@ RT_TABLE_MAIN = 254
 
 
 @dataclass(frozen=True, slots=True)
+class Nexthop:
+    """One path of a multipath route. ``dead``: the kernel keeps it but does
+    not use it (its link is down or has no address of the family)."""
+
+    oif: int
+    gateway: Address | None = None
+    dead: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A route; the daemon cares about default routes and its own tables."""
 
@@ -339,6 +349,9 @@ class Route:
     scope: int = 0
     type: int = 1  # RTN_UNICAST
     prefsrc: Address | None = None
+    # A multipath route's paths (``gateway`` and ``oif`` are the first's);
+    # empty for a route with one path.
+    nexthops: tuple[Nexthop, ...] = ()
 
     @property
     def is_default(self) -> bool:

@@ -246,6 +246,41 @@ def test_a_link_set_down_loses_its_ipv4_default_route_for_the_daemon_too(
     assert d.stop() == 0
 
 
+def test_each_path_of_a_multipath_default_route_routes_its_own_interface(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    """One default route with a nexthop per link: each link's address is
+    eligible and gets a source route through its own nexthop. A link set
+    down kills its path without a message and revives it when up again."""
+    cfg = daemon_config(str(tmp_path / "state"),
+                        extra="[network]\nrequire_default_route = true\n")
+    box.ip("addr", "add", "198.51.100.1/24", "dev", "eth1")
+    box.ip("route", "add", "default", "nexthop", "via", "192.0.2.254", "dev", "eth0",
+           "nexthop", "via", "198.51.100.254", "dev", "eth1")
+    d = daemons(box, cfg).start()
+    assert {"192.0.2.1", "198.51.100.1"} <= set(endpoints(box))
+
+    def via(address: str) -> str:
+        rules = box.ip("rule", "show")
+        if f"from {address} lookup " not in rules:
+            return ""
+        table = rules.split(f"from {address} lookup ")[1].split()[0]
+        routes = box.ip("route", "show", "table", table).splitlines()
+        return next((r.split(" proto")[0] for r in routes if r.startswith("default")), "")
+
+    wait_for(lambda: via("198.51.100.1") and via("192.0.2.1"), what="both source routes")
+    assert via("192.0.2.1") == "default via 192.0.2.254 dev eth0"
+    assert via("198.51.100.1") == "default via 198.51.100.254 dev eth1"
+    box.ip("link", "set", "eth0", "down")
+    wait_for(lambda: "192.0.2.1" not in endpoints(box), what="eth0's path dead")
+    assert "198.51.100.1" in endpoints(box)
+    box.ip("link", "set", "eth0", "up")  # the kernel revives the path; no route message
+    wait_for(lambda: "192.0.2.1" in endpoints(box), what="eth0's path alive again")
+    wait_for(lambda: via("192.0.2.1") == "default via 192.0.2.254 dev eth0",
+             what="its source route back")
+    assert d.errors() == []
+    assert d.stop() == 0
+
+
 def test_another_path_manager_in_the_namespace_refuses_start(
         box: Netns, daemons, tmp_path: Path) -> None:
     fake = box.popen(["python3", "-c", "open('/proc/self/comm','w').write('mptcpd');"

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from mptcpd_py.lab import Lab
+from mptcpd_py.config import NetworkConfig
+from mptcpd_py.lab import Lab, Netns
+from mptcpd_py.model import NetworkModel
 from mptcpd_py.netlink.rtnl import Rtnl, RtnlEvents
 from mptcpd_py.netlink.types import AddressEvent, LinkEvent, Route, RouteEvent, Rule
 
@@ -137,3 +139,97 @@ async def test_the_kernel_drops_route_events_the_model_has_no_use_for(
         assert 20 in {kind for kind, _, _ in received}  # addresses still come
     finally:
         events.close()
+
+
+def kernel_gateways(ns: Netns) -> set[tuple[int, str]]:
+    """(ifindex, gateway) of every live path of the main table's default routes."""
+    index = {link["ifname"]: link["ifindex"] for link in ns.ip_json("link", "show")}
+    out = set()
+    for family in ("-4", "-6"):
+        for route in ns.ip_json(family, "route", "show", "default"):
+            for path in route.get("nexthops", [route]):
+                if "dead" not in path.get("flags", []):
+                    out.add((index[path["dev"]], path["gateway"]))
+    return out
+
+
+def model_gateways(model: NetworkModel) -> set[tuple[int, str]]:
+    return {(index, str(gw)) for (index, _family), gw in model.snapshot().gateways.items()}
+
+
+async def test_the_model_follows_what_the_kernel_does_silently_to_multipath_routes(
+        lab: Lab) -> None:
+    """Link down and up, last IPv4 address gone and back, link deleted: the
+    kernel marks a multipath route's paths dead, revives them or deletes
+    the route, mostly without a message. After each step the model, kept
+    by events alone, has the gateways the kernel uses, as does a fresh dump."""
+    ns = lab.netns("mp")
+    for i, (v4, v6) in enumerate((("192.0.2", "2001:db8:1:"), ("198.51.100", "2001:db8:2:"))):
+        ns.stub_link(f"wan{i}")
+        ns.ip("addr", "add", f"{v4}.2/24", "dev", f"wan{i}")
+        ns.ip("addr", "add", f"{v6}:2/64", "dev", f"wan{i}", "nodad")
+    ns.ip("route", "add", "default", "nexthop", "via", "192.0.2.1", "dev", "wan0",
+          "nexthop", "via", "198.51.100.1", "dev", "wan1")
+    ns.ip("-6", "route", "add", "default", "nexthop", "via", "2001:db8:1::1", "dev", "wan0",
+          "nexthop", "via", "2001:db8:2::1", "dev", "wan1")
+    rtnl = Rtnl.open(netns=ns.name)
+    events = RtnlEvents.open(netns=ns.name)
+    model = NetworkModel(NetworkConfig(), devtype_reader=lambda name: "")
+
+    async def load(into: NetworkModel) -> None:
+        into.load(await rtnl.links(), await rtnl.addresses(), await rtnl.routes(), initial=True)
+
+    async def step(*command: str, until: Callable[[Any], bool]) -> set[tuple[int, str]]:
+        ns.ip(*command)
+        while True:
+            event = await wait_event(events, lambda e: True)
+            model.apply(event)
+            if until(event):
+                break
+        events.sock.drain()  # whatever else the command made, in the order sent
+        while (event := events.get_nowait()) is not None:
+            model.apply(event)
+        fresh = NetworkModel(NetworkConfig(), devtype_reader=lambda name: "")
+        await load(fresh)
+        assert model_gateways(fresh) == kernel_gateways(ns), command
+        assert model_gateways(model) == kernel_gateways(ns), command
+        return model_gateways(model)
+
+    def link_event(name: str, *, up: bool = True, removed: bool = False) -> Callable[[Any], bool]:
+        return lambda e: isinstance(e, LinkEvent) and e.link.name == name and \
+            e.removed == removed and (removed or e.link.up == up)
+
+    def address_event(text: str, *, removed: bool) -> Callable[[Any], bool]:
+        return lambda e: isinstance(e, AddressEvent) and str(e.address.address) == text \
+            and e.removed == removed
+
+    try:
+        await load(model)
+        wan0, wan1 = (int(ns.ip_json("link", "show", f"wan{i}")[0]["ifindex"]) for i in (0, 1))
+        every = {(wan0, "192.0.2.1"), (wan1, "198.51.100.1"),
+                 (wan0, "2001:db8:1::1"), (wan1, "2001:db8:2::1")}
+        assert model_gateways(model) == kernel_gateways(ns) == every
+        assert await step("link", "set", "wan0", "down", until=link_event("wan0", up=False)) \
+            == {(wan1, "198.51.100.1"), (wan1, "2001:db8:2::1")}
+        assert await step("link", "set", "wan0", "up", until=link_event("wan0")) == every
+        assert await step("addr", "del", "198.51.100.2/24", "dev", "wan1",
+                          until=address_event("198.51.100.2", removed=True)) \
+            == every - {(wan1, "198.51.100.1")}
+        assert await step("addr", "add", "198.51.100.2/24", "dev", "wan1",
+                          until=address_event("198.51.100.2", removed=False)) == every
+        await step("link", "set", "wan0", "down", until=link_event("wan0", up=False))
+        assert await step("link", "set", "wan1", "down", until=link_event("wan1", up=False)) \
+            == set()
+        assert await step("link", "set", "wan1", "up", until=link_event("wan1")) == set()
+        ns.ip("link", "set", "wan0", "up")
+        ns.ip("route", "add", "default", "nexthop", "via", "192.0.2.1", "dev", "wan0",
+              "nexthop", "via", "198.51.100.1", "dev", "wan1")
+        # onlink: the links' IPv6 prefix routes come back a moment after "up".
+        ns.ip("-6", "route", "add", "default", "nexthop", "via", "2001:db8:1::1", "dev", "wan0",
+              "onlink", "nexthop", "via", "2001:db8:2::1", "dev", "wan1", "onlink")
+        # IPv4: the whole route goes with the link; IPv6: that link's path.
+        assert await step("link", "del", "wan1", until=link_event("wan1", removed=True)) \
+            == {(wan0, "2001:db8:1::1")}
+    finally:
+        events.close()
+        rtnl.close()

@@ -18,6 +18,7 @@ from mptcpd_py.netlink.types import (
     IfAddress,
     Link,
     LinkEvent,
+    Nexthop,
     Route,
     RouteEvent,
 )
@@ -126,13 +127,68 @@ def test_ipv4_routes_the_kernel_flushes_without_a_message_are_forgotten() -> Non
     # Carrier loss: the kernel keeps the routes (flagged linkdown).
     m.apply(LinkEvent(link(2, "eth0", IFF_UP)))
     assert m.snapshot().gateway(2, socket.AF_INET) == A("192.0.2.254")
-    # Set down: its IPv4 routes are gone, with no RTM_DELROUTE; IPv6 sends its own.
+    # Set down: its routes are gone. IPv4 sends no RTM_DELROUTE; IPv6 sends
+    # one unless net.ipv6.route.skip_notify_on_dev_down: not needed here.
     assert m.apply(LinkEvent(link(2, "eth0", 0)))
     assert m.snapshot().gateway(2, socket.AF_INET) is None
-    assert m.snapshot().gateway(2, socket.AF_INET6) == A("2001:db8::fe")
+    assert m.snapshot().gateway(2, socket.AF_INET6) is None
+    assert not m.apply(RouteEvent(default_route(2, "2001:db8::fe"), removed=True))
     # Up again: nothing comes back by itself.
     m.apply(LinkEvent(link(2, "eth0")))
     assert m.snapshot().gateway(2, socket.AF_INET) is None
+
+
+def multipath(*paths: tuple[int, str, bool]) -> Route:
+    fam = socket.AF_INET if A(paths[0][1]).version == 4 else socket.AF_INET6
+    dst = ipaddress.ip_network("0.0.0.0/0" if fam == socket.AF_INET else "::/0")
+    hops = tuple(Nexthop(index, A(gw), dead) for index, gw, dead in paths)
+    return Route(family=fam, dst=dst, gateway=hops[0].gateway, oif=hops[0].oif, nexthops=hops)
+
+
+def gateways(m: NetworkModel, family: int = socket.AF_INET) -> dict[int, str]:
+    return {index: str(gw) for (index, fam), gw in m.snapshot().gateways.items()
+            if fam == family}
+
+
+def test_every_path_of_a_multipath_default_route_is_a_gateway() -> None:
+    """What the kernel does without a message (checked against it in
+    tests/integration/test_netlink_rtnl.py): a path through a link set down
+    or left without IPv4 addresses is dead until the link comes back; the
+    route goes when its last path dies, or with any link it uses (IPv4)."""
+    m = model(NetworkConfig(require_default_route=True))
+    m.apply(RouteEvent(default_route(2, "192.0.2.254"), removed=True))
+    route = multipath((2, "192.0.2.254", False), (3, "198.51.100.254", False))
+    assert m.apply(RouteEvent(route))
+    assert gateways(m) == {2: "192.0.2.254", 3: "198.51.100.254"}
+    assert "198.51.100.1" in eligible(m)  # wlan0 has a default route: the second path
+    assert m.apply(LinkEvent(link(2, "eth0", 0)))  # the first path dies, the route stays
+    assert gateways(m) == {3: "198.51.100.254"}
+    assert m.apply(LinkEvent(link(2, "eth0")))
+    assert gateways(m) == {2: "192.0.2.254", 3: "198.51.100.254"}
+    assert m.apply(AddressEvent(addr(3, "198.51.100.1"), removed=True))  # last IPv4 one
+    assert gateways(m) == {2: "192.0.2.254"}
+    assert m.apply(AddressEvent(addr(3, "198.51.100.1")))
+    assert gateways(m) == {2: "192.0.2.254", 3: "198.51.100.254"}
+    m.apply(LinkEvent(link(2, "eth0", 0)))
+    m.apply(LinkEvent(link(3, "wlan0", 0)))  # the last path: the kernel deletes the route
+    m.apply(LinkEvent(link(2, "eth0")))
+    m.apply(LinkEvent(link(3, "wlan0")))
+    assert gateways(m) == {}
+    # A dump shows dead paths as such; a deleted link takes the IPv4 route.
+    assert m.apply(RouteEvent(multipath((2, "192.0.2.254", True), (3, "198.51.100.254", False))))
+    assert gateways(m) == {3: "198.51.100.254"}
+    assert m.apply(LinkEvent(link(2, "eth0"), removed=True))
+    m.apply(LinkEvent(link(2, "eth0")))
+    assert gateways(m) == {}
+    # IPv6 deletes only the deleted link's path (and says so).
+    m.apply(LinkEvent(link(2, "eth0")))
+    six = multipath((2, "2001:db8::fe", False), (3, "2001:db8:3::fe", False))
+    assert m.apply(RouteEvent(six))
+    assert m.apply(LinkEvent(link(2, "eth0"), removed=True))
+    assert gateways(m, socket.AF_INET6) == {3: "2001:db8:3::fe"}
+    # The message that deletes a multipath route deletes every path.
+    assert m.apply(RouteEvent(six, removed=True))
+    assert gateways(m, socket.AF_INET6) == {}
 
 
 def test_the_last_ipv4_address_leaving_takes_the_links_ipv4_routes() -> None:
