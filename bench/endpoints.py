@@ -55,8 +55,11 @@ def _bed(lab: Lab) -> tuple[Netns, int]:
     return dut, ifindex
 
 
-def measure(subject: str, reps: int, workdir: str) -> Timings:
-    """``subject``: PY, C, BARE or FLOOR (the harness writes the endpoints itself)."""
+def measure(subject: str, reps: int, workdir: str, *,
+            on_measuring: Callable[[Daemon, bool], None] | None = None) -> Timings:
+    """``subject``: PY, C, BARE or FLOOR (the harness writes the endpoints itself).
+    ``on_measuring(daemon, True)`` runs before the first measured cycle,
+    ``(daemon, False)`` after the last (bench.stages reads its probe then)."""
     timings = Timings()
     with Lab("bench-ep") as lab:
         dut, ifindex = _bed(lab)
@@ -78,6 +81,8 @@ def measure(subject: str, reps: int, workdir: str) -> Timings:
             for i in range(reps + WARMUP):
                 address = pool[i % len(pool)]
                 if i == WARMUP and daemon is not None:
+                    if on_measuring is not None:
+                        on_measuring(daemon, True)
                     cpu0 = daemon.cpu_ns()
                 c0 = daemon.cpu_ns() if daemon else 0
                 t0 = time.perf_counter()
@@ -112,6 +117,8 @@ def measure(subject: str, reps: int, workdir: str) -> Timings:
                     measured += 1
             if daemon is not None and measured:
                 timings.cpu_per_cycle = (daemon.cpu_ns() - cpu0) / measured / 1e6
+            if daemon is not None and on_measuring is not None:
+                on_measuring(daemon, False)
         finally:
             if daemon is not None:
                 daemon.stop()

@@ -61,3 +61,32 @@ def test_quick_bench_runs_the_c_mptcpd_beside_mptcpd_py(tmp_path: Path) -> None:
     _, raw = run_bench(tmp_path, "--sections", "endpoints")
     add = next(r for r in raw["rows"] if r["metric"] == "address added -> endpoint present")
     assert add["values"]["mptcpd"]["n"] == add["values"]["mptcpd-py"]["n"] == 5
+
+
+def test_stage_probe_times_each_stage_of_the_live_daemon_inside_its_parent() -> None:
+    """bench.stages: every stage of an address add + delete is seen as
+    often as the daemon goes through it, and a stage never takes longer
+    than the stage it runs inside."""
+    from bench import stages
+
+    cycles = 6
+    counts, cpu_ms = stages.run(cycles)
+    measured = cycles  # the probe counts from the first measured cycle
+    per_cycle = {target: counts["calls"].get(target, 0) / measured
+                 for _label, _depth, target in stages.STAGES}
+    assert per_cycle["mptcpd_py.core:Core._reconcile_pass"] == 2  # the add's and the delete's
+    assert per_cycle["mptcpd_py.netlink.mptcp:MptcpPM.add_endpoint"] == 1
+    assert per_cycle["mptcpd_py.netlink.mptcp:MptcpPM.delete_endpoint"] == 1
+    assert per_cycle["mptcpd_py.endpoints:EndpointReconciler._log_op"] == 2
+    # Both over the measured cycles; the probe's window opens and closes
+    # when a signal reaches the daemon, a little off the scheduler's.
+    assert 0 < counts["main_thread_ns"] / measured / 1e6 <= cpu_ms * 1.2
+    parents: list[str] = []
+    for _label, depth, target in stages.STAGES:
+        del parents[depth:]
+        spent = counts["time_ns"].get(target, 0)
+        assert spent > 0, target
+        if parents:
+            assert spent <= counts["time_ns"][parents[-1]], (target, parents[-1])
+        parents.append(target)
+    assert "reconcile pass" in "\n".join(stages.table(counts, cpu_ms, measured))
