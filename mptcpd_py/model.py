@@ -303,7 +303,7 @@ class NetworkModel:
             self._changed()
             return True
         if isinstance(event, RouteEvent):
-            if self._apply_route(event.route, event.removed):
+            if self._apply_route(event.route, event.removed, replaced=event.replaced):
                 self._changed(links_or_routes=True)
                 return True
             return False
@@ -364,17 +364,37 @@ class NetworkModel:
             for key in [k for k, r in table.items() if r.nexthops and _group(r) == group]:
                 del table[key]
 
-    def _apply_route(self, route: Route, removed: bool) -> bool:
+    def _apply_route(self, route: Route, removed: bool, *, replaced: bool = False) -> bool:
         if not route.is_default or route.table != RT_TABLE_MAIN or route.type != RTN_UNICAST:
             return False
-        if not route.nexthops:
-            return bool(route.oif) and self._apply_path(route, removed, dead=False)
         changed = False
+        if not removed and (replaced or route.nexthops):
+            # A replaced route's paths, and the paths a multipath route no
+            # longer lists (a message lists them all), get no message.
+            changed = self._drop_superseded(route, everything=replaced)
+        if not route.nexthops:
+            if route.oif:
+                changed |= self._apply_path(route, removed, dead=False)
+            return changed
         for nexthop in route.nexthops:
             if nexthop.oif:
                 path = replace(route, oif=nexthop.oif, gateway=nexthop.gateway)
                 changed |= self._apply_path(path, removed, dead=nexthop.dead)
         return changed
+
+    def _drop_superseded(self, route: Route, *, everything: bool) -> bool:
+        group = _group(route)
+        paths = {(n.oif, n.gateway) for n in route.nexthops} or {(route.oif, route.gateway)}
+        dropped = False
+        for table in (self.defaults, self._dead):
+            for key, old in list(table.items()):
+                if old.family != route.family or old.priority != route.priority or \
+                        (old.oif, old.gateway) in paths:
+                    continue
+                if everything or (old.nexthops and _group(old) != group):
+                    del table[key]
+                    dropped |= table is self.defaults
+        return dropped
 
     def _apply_path(self, route: Route, removed: bool, *, dead: bool) -> bool:
         key = (route.family, route.oif, str(route.gateway or ""), route.priority)
@@ -476,7 +496,7 @@ class NetworkModel:
 
 def _group(route: Route) -> tuple[Any, ...]:
     """What identifies a multipath route among the paths the model keeps."""
-    return (route.family, route.priority, tuple((n.oif, n.gateway) for n in route.nexthops))
+    return (route.family, route.priority, frozenset((n.oif, n.gateway) for n in route.nexthops))
 
 
 _ANY: dict[int, Address] = {

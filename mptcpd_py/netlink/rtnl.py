@@ -27,6 +27,7 @@ from mptcpd_py.netlink.socket import (
     NLM_F_CREATE,
     NLM_F_DUMP,
     NLM_F_EXCL,
+    NLM_F_REPLACE,
     NLM_F_REQUEST,
     DumpInterrupted,
     NetlinkSocket,
@@ -311,7 +312,8 @@ def decode_event(raw: RawMessage) -> RtnlEvent | None:
     if raw.type in (RTM_NEWADDR, RTM_DELADDR):
         return AddressEvent(decode_address(raw.data), removed=raw.type == RTM_DELADDR)
     if raw.type in (RTM_NEWROUTE, RTM_DELROUTE):
-        return RouteEvent(decode_route(raw.data), removed=raw.type == RTM_DELROUTE)
+        return RouteEvent(decode_route(raw.data), removed=raw.type == RTM_DELROUTE,
+                          replaced=bool(raw.flags & NLM_F_REPLACE))
     return None
 
 

@@ -384,6 +384,9 @@ class AddressEvent:
 class RouteEvent:
     route: Route
     removed: bool = False
+    # NLM_F_REPLACE: this route took the place of the one with its
+    # destination and metric, whose paths get no message of their own.
+    replaced: bool = False
 
 
 RtnlEvent = LinkEvent | AddressEvent | RouteEvent

@@ -217,6 +217,13 @@ async def test_the_model_follows_what_the_kernel_does_silently_to_multipath_rout
             == every - {(wan1, "198.51.100.1")}
         assert await step("addr", "add", "198.51.100.2/24", "dev", "wan1",
                           until=address_event("198.51.100.2", removed=False)) == every
+        # Replaced: one message, for the new route only.
+        assert await step("route", "replace", "default", "via", "198.51.100.1", "dev", "wan1",
+                          until=lambda e: isinstance(e, RouteEvent) and e.replaced) \
+            == every - {(wan0, "192.0.2.1")}
+        assert await step("route", "replace", "default", "nexthop", "via", "192.0.2.1",
+                          "dev", "wan0", "nexthop", "via", "198.51.100.1", "dev", "wan1",
+                          until=lambda e: isinstance(e, RouteEvent) and e.replaced) == every
         await step("link", "set", "wan0", "down", until=link_event("wan0", up=False))
         assert await step("link", "set", "wan1", "down", until=link_event("wan1", up=False)) \
             == set()

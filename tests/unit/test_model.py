@@ -191,6 +191,51 @@ def test_every_path_of_a_multipath_default_route_is_a_gateway() -> None:
     assert gateways(m, socket.AF_INET6) == {}
 
 
+def test_a_replaced_default_route_leaves_none_of_its_old_paths_behind() -> None:
+    """NLM_F_REPLACE: the kernel sends the new route only; a multipath
+    message lists every path, so one it no longer lists is gone too."""
+    m = model()
+    m.apply(RouteEvent(default_route(2, "192.0.2.254"), removed=True))
+    m.apply(LinkEvent(link(6, "eth1")))
+    m.apply(RouteEvent(multipath((2, "192.0.2.254", False), (3, "198.51.100.254", False))))
+    m.apply(LinkEvent(link(3, "wlan0", 0)))  # wlan0's path dead, kept by the kernel
+    assert m.apply(RouteEvent(multipath((2, "192.0.2.254", False), (6, "203.0.113.254", False)),
+                              replaced=True))
+    m.apply(LinkEvent(link(3, "wlan0")))  # not in the route any more: nothing revives
+    assert gateways(m) == {2: "192.0.2.254", 6: "203.0.113.254"}
+    assert m.apply(RouteEvent(default_route(3, "198.51.100.254"), replaced=True))
+    assert gateways(m) == {3: "198.51.100.254"}
+    # Without the flag, a one-path route is one more route (ip route append).
+    assert m.apply(RouteEvent(default_route(2, "192.0.2.254")))
+    assert gateways(m) == {2: "192.0.2.254", 3: "198.51.100.254"}
+    # An IPv6 multipath route grows and shrinks with messages listing all paths.
+    six = [(2, "2001:db8::fe", False), (3, "2001:db8:3::fe", False), (6, "2001:db8:6::fe", False)]
+    m.apply(RouteEvent(multipath(*six[:2])))
+    m.apply(RouteEvent(multipath(*six)))
+    assert gateways(m, socket.AF_INET6) == {2: "2001:db8::fe", 3: "2001:db8:3::fe",
+                                             6: "2001:db8:6::fe"}
+    assert m.apply(RouteEvent(multipath(six[0], six[2])))
+    assert gateways(m, socket.AF_INET6) == {2: "2001:db8::fe", 6: "2001:db8:6::fe"}
+
+
+def test_dead_paths_revive_only_on_a_link_that_is_up_and_not_after_a_reload() -> None:
+    m = model()
+    m.apply(RouteEvent(default_route(2, "192.0.2.254"), removed=True))
+    route = multipath((2, "192.0.2.254", False), (3, "198.51.100.254", False))
+    m.apply(RouteEvent(route))
+    m.apply(AddressEvent(addr(3, "198.51.100.1"), removed=True))  # wlan0's path dead
+    m.apply(LinkEvent(link(3, "wlan0", 0)))
+    m.apply(AddressEvent(addr(3, "198.51.100.1")))  # on a link that is down: still dead
+    assert gateways(m) == {2: "192.0.2.254"}
+    m.apply(LinkEvent(link(3, "wlan0")))
+    assert gateways(m) == {2: "192.0.2.254", 3: "198.51.100.254"}
+    # A reload (after an overflow) replaces what the model knew, dead paths too.
+    m.apply(LinkEvent(link(3, "wlan0", 0)))
+    m.load(list(m.links.values()), list(m.addresses.values()), [default_route(2, "192.0.2.254")])
+    m.apply(LinkEvent(link(3, "wlan0")))
+    assert gateways(m) == {2: "192.0.2.254"}
+
+
 def test_the_last_ipv4_address_leaving_takes_the_links_ipv4_routes() -> None:
     m = model()
     m.apply(AddressEvent(addr(2, "192.0.2.7")))

@@ -15,6 +15,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from mptcpd_py.netlink.rtnl import (
+    _nexthops,
     decode_address,
     decode_link,
     decode_route,
@@ -24,7 +25,7 @@ from mptcpd_py.netlink.rtnl import (
     route_payload,
     rule_payload,
 )
-from mptcpd_py.netlink.types import AddressFlags, Link, Route, Rule
+from mptcpd_py.netlink.types import AddressFlags, Link, Nexthop, Route, Rule
 
 
 def encoded(family: int, addr: str, plen: int, flags: int, label: str | None) -> bytes:
@@ -144,6 +145,39 @@ def test_multipath_route_takes_the_first_nexthop() -> None:
     route = decode_route(pyroute2_encoded(msg, 24))
     assert (route.gateway, route.oif) == (ipaddress.ip_address("198.51.100.2"), 3)
     assert route.is_default
+    assert route.nexthops == (Nexthop(3, ipaddress.ip_address("198.51.100.2")),
+                              Nexthop(4, ipaddress.ip_address("192.0.2.2")))
+
+
+def test_every_nexthop_is_decoded_with_whether_it_is_dead() -> None:
+    msg = rtmsg()
+    msg["family"], msg["table"], msg["proto"], msg["type"] = 10, 254, 4, 1
+    msg["attrs"] = [("RTA_MULTIPATH", [
+        {"oif": 3, "flags": 1, "attrs": [("RTA_GATEWAY", "2001:db8::1")]},  # RTNH_F_DEAD
+        {"oif": 5, "attrs": []},  # no gateway: a device path
+        {"oif": 4, "flags": 16, "attrs": [("RTA_GATEWAY", "2001:db8::2")]}])]  # linkdown only
+    route = decode_route(pyroute2_encoded(msg, 24))
+    A6 = ipaddress.IPv6Address
+    assert route.nexthops == (Nexthop(3, A6("2001:db8::1"), dead=True), Nexthop(5, None),
+                              Nexthop(4, A6("2001:db8::2")))
+
+
+def _rtnh(length: int, flags: int, ifindex: int, attrs: bytes = b"") -> bytes:
+    return struct.pack("=HBBi", length, flags, 0, ifindex) + attrs
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b"", ()),
+    (b"\x08\x00", ()),  # shorter than a header
+    (_rtnh(4, 0, 3), ()),  # a length below the header's own: the walk stops
+    (_rtnh(8, 0, 3) + _rtnh(200, 0, 4), (Nexthop(3),)),  # the second runs past the end
+    # An unaligned length: the next header starts at the 4-byte boundary.
+    (_rtnh(14, 0, 3, struct.pack("=HH", 6, 99) + b"ab\0\0") + _rtnh(8, 1, 4),
+     (Nexthop(3), Nexthop(4, dead=True))),
+])
+def test_malformed_multipath_attributes_decode_what_is_whole(raw: bytes,
+                                                             expected: tuple[Any, ...]) -> None:
+    assert _nexthops(raw) == expected
 
 
 @pytest.mark.parametrize("rule", [
