@@ -158,8 +158,8 @@ class Core:
         self.heartbeat: Callable[[], None] = lambda: None
         self.on_status: Callable[[str], None] = lambda text: None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._wakeup = asyncio.Event()  # a pass is requested
-        self._kick = asyncio.Event()  # ... and the reconcile loop should run it
+        self._pass_requested = False
+        self._kick = asyncio.Event()  # the reconcile loop should run the requested pass
         self._full_requested = False
         self._reasons: list[str | RtnlEvent] = []
         self._pass_lock = asyncio.Lock()
@@ -228,10 +228,11 @@ class Core:
         self.failure = reason
         self.failed.set()
 
-    async def _recover_network(self) -> None:
-        """After a crash of the rtnetlink loop: what it missed is in a dump."""
+    async def _recover_network(self, reason: str = "rtnetlink loop restarted") -> None:
+        """After a crash of the rtnetlink loop or lost events: what it
+        missed is in a dump."""
         await self._load_network()
-        self.request_reconcile("rtnetlink loop restarted", full=True)
+        self.request_reconcile(reason, full=True)
 
     async def _recover_connections(self, superseded: Sequence[MptcpEvent] = ()) -> None:
         """Re-read the connections (after lost events or a crash of the MPTCP
@@ -282,8 +283,7 @@ class Core:
                     self.log.warning("rtnetlink events lost; re-reading the network",
                                      reason=event.reason, superseded=len(superseded))
                     self.monitor.publish("resync", source="rtnetlink", reason=event.reason)
-                    await self._load_network()
-                    self.request_reconcile("rtnetlink overflow", full=True)
+                    await self._recover_network("rtnetlink overflow")
                     continue
                 self.stats.events[_rtnl_kind(event)] += 1
                 # Nothing else queued and no pass running: reconcile right
@@ -293,7 +293,7 @@ class Core:
                 if self.model.apply(event):
                     self._publish_rtnl(event)
                     self.request_reconcile(event, kick=not idle)  # described if asked
-                if idle and self._wakeup.is_set():
+                if idle and self._pass_requested:
                     await self._run_requested_pass()
             except KernelError as exc:
                 self._record_error(exc)
@@ -354,11 +354,11 @@ class Core:
     def request_reconcile(self, reason: str | RtnlEvent, full: bool = False, *,
                           kick: bool = True) -> None:
         """Ask for a pass; ``kick=False`` when the caller runs it right away."""
-        if not self._wakeup.is_set():
+        if not self._pass_requested:
             self._dirty_since = time.perf_counter()
         self._reasons.append(reason)
         self._full_requested |= full
-        self._wakeup.set()
+        self._pass_requested = True
         if kick:
             self._kick.set()
 
@@ -382,7 +382,7 @@ class Core:
             self.heartbeat()
             if time.monotonic() >= next_full:
                 self.request_reconcile("periodic resync", full=True)
-            if not self._wakeup.is_set():
+            if not self._pass_requested:
                 continue
             if await self._run_requested_pass():
                 interval = self.config.daemon.reconcile_interval
@@ -390,7 +390,7 @@ class Core:
 
     async def _run_requested_pass(self) -> bool:
         """Run one pass for everything requested so far; True if it was full."""
-        self._wakeup.clear()
+        self._pass_requested = False
         full, self._full_requested = self._full_requested, False
         reasons, self._reasons = self._reasons, []
         dirty_since = self._dirty_since
