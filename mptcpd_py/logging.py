@@ -50,6 +50,10 @@ def choose_format(requested: str, stream: TextIO = sys.stderr) -> str:
     return "json"
 
 
+# json.dumps with default= builds an encoder per call: one for every line.
+_LINE_ENCODER = json.JSONEncoder(default=str)
+
+
 class JournalRenderer:
     """Send each event to journald with structured fields; nothing is printed."""
 
@@ -74,7 +78,7 @@ class JournalRenderer:
                     self._names[key] = name
             if not name or name.startswith("SYSLOG_"):
                 continue
-            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            text = value if isinstance(value, str) else _LINE_ENCODER.encode(value)
             fields[name] = text
             if key not in ("exception",):
                 extras.append(f"{key}={text}")
@@ -147,7 +151,7 @@ class JsonLineRenderer:
         event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}"
         if "exc_info" in event_dict or "exception" in event_dict:
             event_dict = self._traceback(logger, method, event_dict)
-        return json.dumps(event_dict, default=str)
+        return _LINE_ENCODER.encode(event_dict)
 
 
 class LineWriter:
