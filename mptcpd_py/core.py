@@ -291,7 +291,8 @@ class Core:
                 # burst still coalesces: it is queued by then).
                 idle = not len(self.rtnl_events) and not self._pass_lock.locked()
                 if self.model.apply(event):
-                    self._publish_rtnl(event)
+                    if self.monitor.subscribers:  # its fields cost, even unsent
+                        self._publish_rtnl(event)
                     self.request_reconcile(event, kick=not idle)  # described if asked
                 if idle and self._pass_requested:
                     await self._run_requested_pass()
