@@ -48,8 +48,17 @@ _started = [0]
 _clock = time.thread_time_ns
 
 
-def _add(target: str, spent: int) -> None:
-    _time[target] = _time.get(target, 0) + spent
+def _add(target: str, start: int) -> None:
+    """The time since ``start``, counted from the window's opening at the
+    earliest. The signal handler may run between any two lines here: it
+    swaps the dicts, so a count in flight lands in the discarded one."""
+    times = _time
+    times[target] = times.get(target, 0) + _clock() - max(start, _started[0])
+
+
+def _count_call(target: str) -> None:
+    calls = _calls
+    calls[target] = calls.get(target, 0) + 1
 
 
 def _timed_steps(coro: Any, target: str) -> Generator[Any, Any, Any]:
@@ -61,9 +70,9 @@ def _timed_steps(coro: Any, target: str) -> Generator[Any, Any, Any]:
         try:
             yielded = coro.send(value) if error is None else coro.throw(error)
         except StopIteration as stop:
-            _add(target, _clock() - start)
             return stop.value
-        _add(target, _clock() - start)
+        finally:  # a step that raises counts too
+            _add(target, start)
         try:
             value, error = (yield yielded), None
         except BaseException as exc:  # handed to the coroutine
@@ -81,32 +90,36 @@ class _Timed:
 def _wrap(target: str) -> None:
     module_name, qualname = target.split(":")
     owner_name, method = qualname.split(".")
-    owner = getattr(importlib.import_module(module_name), owner_name)
+    wrap(getattr(importlib.import_module(module_name), owner_name), method, target)
+
+
+def wrap(owner: Any, method: str, target: str) -> None:
+    """Replace ``owner.method`` by a timed version counted under ``target``."""
     original: Callable[..., Any] = getattr(owner, method)
     if inspect.iscoroutinefunction(original):
         @functools.wraps(original)
         async def timed_coroutine(*args: Any, **kwargs: Any) -> Any:
-            _calls[target] = _calls.get(target, 0) + 1
+            _count_call(target)
             return await _Timed(original(*args, **kwargs), target)
         setattr(owner, method, timed_coroutine)
         return
 
     @functools.wraps(original)
     def timed(*args: Any, **kwargs: Any) -> Any:
-        _calls[target] = _calls.get(target, 0) + 1
+        _count_call(target)
         start = _clock()
         try:
             return original(*args, **kwargs)
         finally:
-            _add(target, _clock() - start)
+            _add(target, start)
     setattr(owner, method, timed)
 
 
 def _on_signal(_signum: int, _frame: Any) -> None:
+    global _time, _calls
     if not _started[0]:
-        _time.clear()
-        _calls.clear()
         _started[0] = _clock()
+        _time, _calls = {}, {}
         return
     out = {"main_thread_ns": _clock() - _started[0], "time_ns": dict(_time),
            "calls": dict(_calls)}

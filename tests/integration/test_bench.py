@@ -69,9 +69,8 @@ def test_stage_probe_times_each_stage_of_the_live_daemon_inside_its_parent() -> 
     than the stage it runs inside."""
     from bench import stages
 
-    cycles = 6
-    counts, cpu_ms = stages.run(cycles)
-    measured = cycles  # the probe counts from the first measured cycle
+    counts, cpu_ms, measured = stages.run(6)
+    assert measured == 6
     per_cycle = {target: counts["calls"].get(target, 0) / measured
                  for _label, _depth, target in stages.STAGES}
     assert per_cycle["mptcpd_py.core:Core._reconcile_pass"] == 2  # the add's and the delete's
