@@ -368,9 +368,11 @@ class NetworkModel:
         if not route.is_default or route.table != RT_TABLE_MAIN or route.type != RTN_UNICAST:
             return False
         changed = False
-        if not removed and (replaced or route.nexthops):
-            # A replaced route's paths, and the paths a multipath route no
-            # longer lists (a message lists them all), get no message.
+        if not removed and (replaced or (route.nexthops and route.family == socket.AF_INET6)):
+            # A replaced route's paths get no message. IPv6 merges the routes
+            # of one metric into one multipath route, and each message lists
+            # all its paths: one it no longer lists is gone. (An IPv4 route
+            # without NLM_F_REPLACE is one more route: `ip route append`.)
             changed = self._drop_superseded(route, everything=replaced)
         if not route.nexthops:
             if route.oif:

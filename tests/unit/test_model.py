@@ -205,9 +205,11 @@ def test_a_replaced_default_route_leaves_none_of_its_old_paths_behind() -> None:
     assert gateways(m) == {2: "192.0.2.254", 6: "203.0.113.254"}
     assert m.apply(RouteEvent(default_route(3, "198.51.100.254"), replaced=True))
     assert gateways(m) == {3: "198.51.100.254"}
-    # Without the flag, a one-path route is one more route (ip route append).
+    # Without the flag, an IPv4 route is one more route (ip route append).
     assert m.apply(RouteEvent(default_route(2, "192.0.2.254")))
     assert gateways(m) == {2: "192.0.2.254", 3: "198.51.100.254"}
+    assert m.apply(RouteEvent(multipath((6, "203.0.113.254", False), (3, "198.51.100.254", False))))
+    assert gateways(m) == {2: "192.0.2.254", 3: "198.51.100.254", 6: "203.0.113.254"}
     # An IPv6 multipath route grows and shrinks with messages listing all paths.
     six = [(2, "2001:db8::fe", False), (3, "2001:db8:3::fe", False), (6, "2001:db8:6::fe", False)]
     m.apply(RouteEvent(multipath(*six[:2])))
