@@ -208,6 +208,8 @@ def test_a_replaced_default_route_leaves_none_of_its_old_paths_behind() -> None:
     # Without the flag, an IPv4 route is one more route (ip route append).
     assert m.apply(RouteEvent(default_route(2, "192.0.2.254")))
     assert gateways(m) == {2: "192.0.2.254", 3: "198.51.100.254"}
+    m.apply(RouteEvent(multipath((2, "192.0.2.254", False), (3, "198.51.100.254", False)),
+                       replaced=True))
     assert m.apply(RouteEvent(multipath((6, "203.0.113.254", False), (3, "198.51.100.254", False))))
     assert gateways(m) == {2: "192.0.2.254", 3: "198.51.100.254", 6: "203.0.113.254"}
     # An IPv6 multipath route grows and shrinks with messages listing all paths.
