@@ -20,6 +20,7 @@ SUBFLOW = 2
 POLL_TIMEOUT = 2.0
 SETTLE = 0.03  # let the daemon finish what follows the kernel write before the next step
 WARMUP = 5
+ROUNDS = 4  # the subjects take turns, so that each sees the machine in every state
 
 
 @dataclass
@@ -30,6 +31,18 @@ class Timings:
     cpu_add: float = 0.0  # ms, summed over the measured cycles
     cpu_delete: float = 0.0
     failures: int = 0
+
+    def merge(self, other: Timings) -> None:
+        """Add another round's cycles (CPU per cycle weighted by cycles)."""
+        if other.cpu_per_cycle is not None:
+            mine, theirs = len(self.add), len(other.add)
+            total = (self.cpu_per_cycle or 0.0) * mine + other.cpu_per_cycle * theirs
+            self.cpu_per_cycle = total / (mine + theirs) if mine + theirs else None
+        self.add += other.add
+        self.delete += other.delete
+        self.cpu_add += other.cpu_add
+        self.cpu_delete += other.cpu_delete
+        self.failures += other.failures
 
 
 def _wait(pm: MptcpPm, address: Address, present: bool) -> bool:
@@ -129,11 +142,14 @@ def measure(subject: str, reps: int, workdir: str, *,
 
 def run(plan: Plan, workdir: str, *, with_c: bool, log: Callable[[str], None]) -> list[Row]:
     reps = plan.endpoint_reps
-    results: dict[str, Timings] = {}
     subjects = [FLOOR, PY] + ([C] if with_c else [])
-    for subject in [*subjects, BARE]:
-        log(f"endpoints: {subject}, {reps} add/delete cycles")
-        results[subject] = measure(subject, reps, workdir)
+    results: dict[str, Timings] = {subject: Timings() for subject in [*subjects, BARE]}
+    rounds = max(1, min(ROUNDS, reps // 10))
+    for round_ in range(rounds):
+        share = reps // rounds + (1 if round_ < reps % rounds else 0)
+        log(f"endpoints: round {round_ + 1} of {rounds}, {share} add/delete cycles each")
+        for subject, timings in results.items():
+            timings.merge(measure(subject, share, workdir))
 
     def ms(subject: str, kind: str) -> Summary | None:
         t = results.get(subject)
