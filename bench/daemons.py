@@ -112,11 +112,12 @@ class PyDaemon(Daemon):
     name = "mptcpd-py"
 
     def __init__(self, ns: Netns, workdir: str, *, plugins: tuple[str, ...] | None = None,
-                 path_manager: str | None = None, log_level: str = "info") -> None:
+                 path_manager: str | None = None, log_level: str = "info",
+                 env: dict[str, str] | None = None) -> None:
         self.process = DaemonProcess(
             ns, workdir, py_config(os.path.join(workdir, "state"), plugins=plugins,
                                    path_manager=path_manager),
-            args=["--log-level", log_level])
+            args=["--log-level", log_level], env=env)
         self.ready_after = 0.0
 
     def start(self, *, wait: bool = True) -> None:

@@ -69,10 +69,12 @@ def _bed(lab: Lab) -> tuple[Netns, int]:
 
 
 def measure(subject: str, reps: int, workdir: str, *,
-            on_measuring: Callable[[Daemon, bool], None] | None = None) -> Timings:
+            on_measuring: Callable[[Daemon, bool], None] | None = None,
+            py_env: dict[str, str] | None = None) -> Timings:
     """``subject``: PY, C, BARE or FLOOR (the harness writes the endpoints itself).
     ``on_measuring(daemon, True)`` runs before the first measured cycle,
-    ``(daemon, False)`` after the last (bench.stages reads its probe then)."""
+    ``(daemon, False)`` after the last (bench.stages reads its probe then);
+    ``py_env``: added to mptcpd-py's environment."""
     timings = Timings()
     with Lab("bench-ep") as lab:
         dut, ifindex = _bed(lab)
@@ -80,7 +82,7 @@ def measure(subject: str, reps: int, workdir: str, *,
         daemon: Daemon | None = None
         try:
             if subject == PY:
-                daemon = PyDaemon(dut, os.path.join(workdir, "endpoints-py"))
+                daemon = PyDaemon(dut, os.path.join(workdir, "endpoints-py"), env=py_env)
             elif subject == C:
                 daemon = CDaemon(dut, os.path.join(workdir, "endpoints-c"))
             elif subject == BARE:

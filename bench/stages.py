@@ -48,19 +48,11 @@ def run(cycles: int) -> tuple[dict[str, Any], float, int]:
         with open(os.path.join(tmp, "sitecustomize.py"), "w") as f:
             f.write("import bench.stage_probe\nbench.stage_probe.install()\n")
         out = os.path.join(tmp, "stages.json")
-        saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "MPTCPD_PY_STAGES_OUT")}
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (tmp, ROOT, saved["PYTHONPATH"]) if p)
-        os.environ["MPTCPD_PY_STAGES_OUT"] = out
-        try:
-            timings = measure(PY, cycles, tmp, on_measuring=lambda daemon, starting:
-                              _signal_probe(daemon, out, final=not starting))
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        path = (tmp, ROOT, os.environ.get("PYTHONPATH", ""))
+        env = {"PYTHONPATH": os.pathsep.join(p for p in path if p),
+               "MPTCPD_PY_STAGES_OUT": out}
+        timings = measure(PY, cycles, tmp, py_env=env, on_measuring=lambda daemon, starting:
+                          _signal_probe(daemon, out, final=not starting))
         with open(out) as f:
             counts: dict[str, Any] = json.load(f)
     return counts, timings.cpu_per_cycle or 0.0, len(timings.add)

@@ -400,12 +400,11 @@ class NetworkModel:
 
     def _apply_path(self, route: Route, removed: bool, *, dead: bool) -> bool:
         key = (route.family, route.oif, str(route.gateway or ""), route.priority)
+        self._dead.pop(key, None)
         if removed or dead:
-            self._dead.pop(key, None)
-            if dead and not removed:
+            if not removed:
                 self._dead[key] = route
             return self.defaults.pop(key, None) is not None
-        self._dead.pop(key, None)
         if self.defaults.get(key) == route:
             return False
         self.defaults[key] = route
