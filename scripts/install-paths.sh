@@ -4,6 +4,8 @@ PREFIX=/opt/mptcpd-py
 UNIT_DIR=/usr/local/lib/systemd/system
 CONF_DIR=/etc/mptcpd-py
 BIN_LINK=/usr/local/bin/mptcpd-py
+# The unit's RuntimeDirectory (state file, control socket), kept until reboot.
+RUN_DIR=/run/mptcpd-py
 
 require_root() {
     if [ "$(id -u)" -ne 0 ]; then

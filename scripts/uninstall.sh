@@ -1,8 +1,8 @@
 #!/bin/sh
 # Remove what scripts/install.sh installed: the service (stopped and
-# disabled first), the venv /opt/mptcpd-py, the unit, /usr/local/bin/mptcpd-py
-# and the mptcpize drop-ins of other services. /etc/mptcpd-py (your
-# configuration and plugins) stays.
+# disabled first), the venv /opt/mptcpd-py, the unit, /usr/local/bin/mptcpd-py,
+# the mptcpize drop-ins of other services and the service's /run/mptcpd-py.
+# /etc/mptcpd-py (your configuration and plugins) stays.
 set -eu
 . "$(dirname "$0")/install-paths.sh"
 UNIT="$UNIT_DIR/mptcpd-py.service"
@@ -31,6 +31,13 @@ for dropin in /etc/systemd/system/*.service.d/mptcpize.conf; do
 done
 
 rm -f "$UNIT"
+# The unit keeps its state directory past a stop (RuntimeDirectoryPreserve=yes):
+# with the service gone, nothing reads it again. (Without systemd, a daemon
+# started by hand may be using it: left alone.)
+if [ -n "$systemd" ] && [ -d "$RUN_DIR" ]; then
+    rm -rf "$RUN_DIR"
+    say "removed $RUN_DIR"
+fi
 if [ -L "$BIN_LINK" ] && [ "$(readlink "$BIN_LINK")" = "$PREFIX/bin/mptcpd-py" ]; then
     rm -f "$BIN_LINK"
 fi

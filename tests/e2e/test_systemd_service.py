@@ -30,6 +30,7 @@ OFFLINE_PIP = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE_INSIDE}
 # An administrator's own endpoint: the daemon must never touch it.
 ADMIN_ENDPOINT = ("203.0.113.99", 99)
 SIGNAL_CONFIG = '[plugins.addr_adv]\nflags = ["signal"]\n'
+KEEP_CONFIG = '[daemon]\non_exit = "keep"\n'
 PROBE_UNIT = "webprobe.service"
 PROBE_UNIT_TEXT = """[Unit]
 Description=An unmodified TCP server for the mptcpize test
@@ -254,6 +255,28 @@ def test_watchdog_restarts_a_hung_daemon_which_adopts_its_endpoints(
         machine.run(["systemctl", "daemon-reload"])
 
 
+def test_a_start_after_a_stop_with_on_exit_keep_adopts_what_it_kept(
+        installed: Container, steps: StepLog) -> None:
+    machine = installed
+    machine.path(CONFIG).write_text(SIGNAL_CONFIG + KEEP_CONFIG)
+    machine.run(["systemctl", "restart", SERVICE])
+    machine.sh("ip addr add 192.0.2.12/24 dev eth1")
+    kept = wait_for(lambda: (e := endpoints(machine)) and "192.0.2.12" in e and e, 10, 0.05,
+                    what="an endpoint for 192.0.2.12")
+    with steps.step('on_exit = "keep": stop, start, the kept endpoints are still its own'):
+        machine.run(["systemctl", "stop", SERVICE])
+        assert endpoints(machine) == kept
+        machine.run(["systemctl", "start", SERVICE])
+        journal_entry(machine, "ready", after_pid=int(prop(machine, "MainPID")))
+        assert endpoints(machine) == kept  # adopted: same ids, no duplicates
+        # Only an owner removes an endpoint whose address went away.
+        machine.sh("ip addr del 192.0.2.12/24 dev eth1")
+        wait_for(lambda: "192.0.2.12" not in endpoints(machine), 10, 0.05,
+                 what="the kept endpoint of a deleted address removed")
+    machine.path(CONFIG).write_text(SIGNAL_CONFIG)
+    machine.run(["systemctl", "restart", SERVICE])
+
+
 def add_probe_unit(machine: Container) -> Path:
     unit_file = machine.path(f"/etc/systemd/system/{PROBE_UNIT}")
     unit_file.write_text(PROBE_UNIT_TEXT)
@@ -357,6 +380,7 @@ def test_uninstall_removes_everything_but_the_users_config(
         assert not machine.path(UNIT_PATH).exists()
         assert not machine.path("/usr/local/bin/mptcpd-py").is_symlink()
         assert prop(machine, "LoadState") == "not-found"
+        assert not machine.path("/run/mptcpd-py").exists()
         assert list(endpoints(machine)) == [ADMIN_ENDPOINT[0]]
         # Other services' mptcpize drop-ins go with the shim; their unit files stay.
         assert not machine.path(f"/etc/systemd/system/{PROBE_UNIT}.d/mptcpize.conf").exists()

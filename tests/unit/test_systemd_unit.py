@@ -62,8 +62,9 @@ def test_unit_gives_the_daemon_its_state_dir_config_dir_and_mptcp_sysctls() -> N
     unit = directives()
     defaults = tomllib.loads((ROOT / "conf" / "mptcpd.toml").read_text())
     assert f"/run/{unit['RuntimeDirectory'][0]}" == defaults["daemon"]["state_dir"]
-    # A restart after a crash or the watchdog must find the state file to adopt.
-    assert unit["RuntimeDirectoryPreserve"] == ["restart"]
+    # A restart after a crash or the watchdog, and a start after a stop with
+    # on_exit = "keep", must find the state file to adopt what it owned.
+    assert unit["RuntimeDirectoryPreserve"] == ["yes"]
     assert unit["ConfigurationDirectory"] == ["mptcpd-py"]
     assert unit["ProtectKernelTunables"] == ["yes"]
     assert MPTCP_SYSCTL_DIR in unit["ReadWritePaths"][0].split()
