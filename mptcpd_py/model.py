@@ -247,6 +247,10 @@ class NetworkModel:
 
     def set_config(self, cfg: NetworkConfig) -> None:
         self.cfg = cfg
+        if cfg.existing:
+            # Reloaded with existing = true: the addresses present at start
+            # count now. (Switched off, it cannot reach back past the start.)
+            self._ignored_at_start.clear()
         self._judged.clear()
         self._changed()
 

@@ -268,6 +268,16 @@ def test_existing_false_ignores_addresses_present_at_start_until_readded() -> No
     assert eligible(m) == ["192.0.2.1"]
 
 
+def test_existing_switched_on_by_a_reload_takes_the_addresses_present_at_start() -> None:
+    m = NetworkModel(NetworkConfig(existing=False), devtype_reader=lambda name: "")
+    m.load([link(2, "eth0")], [addr(2, "192.0.2.1")], [], initial=True)
+    m.set_config(NetworkConfig(existing=True))
+    assert eligible(m) == ["192.0.2.1"]
+    # Switched off again: what the daemon already acts on stays (start is past).
+    m.set_config(NetworkConfig(existing=False))
+    assert eligible(m) == ["192.0.2.1"]
+
+
 def test_snapshot_is_cached_until_a_change() -> None:
     m = model()
     first = m.snapshot()
