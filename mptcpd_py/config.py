@@ -398,9 +398,11 @@ def build_config(
     path: str,
     lines: LineIndex,
     plugin_schemas: PluginSchemas | None = None,
+    unloaded: Mapping[str, str] | None = None,
 ) -> Config:
     """Validate parsed TOML into a :class:`Config`, or raise ConfigError with
-    every problem found (not only the first)."""
+    every problem found (not only the first). ``unloaded`` says why a plugin
+    that did not load did not (by name), for the error of a config using it."""
     problems: list[Problem] = []
     values: dict[str, dict[str, Any]] = {}
     for section, schema in SECTIONS.items():
@@ -429,18 +431,19 @@ def build_config(
         problems.append((("plugins",), "must be a table of [plugins.NAME] sections"))
         raw_plugins = {}
     if plugin_schemas is not None:
+
+        def missing(name: str) -> str:
+            if unloaded and name in unloaded:
+                return f"plugin {name!r} not loaded: {unloaded[name]}"
+            available = ", ".join(sorted(plugin_schemas)) or "none"
+            return f"unknown plugin {name!r} (available: {available})"
+
         for name in values["daemon"]["plugins"]:
             if name not in plugin_schemas:
-                available = ", ".join(sorted(plugin_schemas)) or "none"
-                problems.append(
-                    (("daemon", "plugins"), f"unknown plugin {name!r} (available: {available})")
-                )
+                problems.append((("daemon", "plugins"), missing(name)))
         for name, section_data in raw_plugins.items():
             if name not in plugin_schemas:
-                available = ", ".join(sorted(plugin_schemas)) or "none"
-                problems.append(
-                    (("plugins", name), f"unknown plugin {name!r} (available: {available})")
-                )
+                problems.append((("plugins", name), missing(name)))
                 continue
             if not isinstance(section_data, dict):
                 problems.append((("plugins", name), "must be a table"))
@@ -498,21 +501,25 @@ def build_config(
 
 
 def parse_config(
-    text: str, path: str, plugin_schemas: PluginSchemas | None = None
+    text: str, path: str, plugin_schemas: PluginSchemas | None = None,
+    unloaded: Mapping[str, str] | None = None,
 ) -> Config:
-    return build_config(parse_toml(text, path), path, LineIndex(text), plugin_schemas)
+    return build_config(parse_toml(text, path), path, LineIndex(text), plugin_schemas,
+                        unloaded)
 
 
 def load_config(
-    path: str | None = None, plugin_schemas: PluginSchemas | None = None
+    path: str | None = None, plugin_schemas: PluginSchemas | None = None,
+    unloaded: Mapping[str, str] | None = None,
 ) -> Config:
     """The config at ``path``; with None, the default path or, when that file
     does not exist, the built-in defaults."""
     if path is None:
         if not os.path.lexists(DEFAULT_PATH):
-            return parse_config(default_text(), "<built-in defaults>", plugin_schemas)
+            return parse_config(default_text(), "<built-in defaults>", plugin_schemas,
+                                unloaded)
         path = DEFAULT_PATH
-    return parse_config(read_text(path), path, plugin_schemas)
+    return parse_config(read_text(path), path, plugin_schemas, unloaded)
 
 
 def read_raw_daemon_section(path: str | None) -> Mapping[str, Any]:

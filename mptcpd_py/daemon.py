@@ -22,7 +22,13 @@ from typing import Any
 
 from mptcpd_py import __version__, report
 from mptcpd_py.coexist import peers_in_namespace
-from mptcpd_py.config import Config, load_config, read_raw_daemon_section, usable_path
+from mptcpd_py.config import (
+    DAEMON,
+    Config,
+    load_config,
+    read_raw_daemon_section,
+    usable_path,
+)
 from mptcpd_py.control import (
     CONFIG_ERROR,
     FAILED,
@@ -43,9 +49,10 @@ from mptcpd_py.errors import (
     PermissionDenied,
 )
 from mptcpd_py.kernel_settings import KernelSettingsError
-from mptcpd_py.loader import Available, discover, schemas
+from mptcpd_py.loader import Available, discover_plugins, schemas
 from mptcpd_py.logging import configure, get_logger
 from mptcpd_py.notify import StatusLine, monotonic_usec, notify, watchdog_interval
+from mptcpd_py.schema import check_value
 
 EX_OK, EX_SOFTWARE_FAIL, EX_USAGE = 0, 1, 64
 EX_UNAVAILABLE, EX_NOPERM, EX_CONFIG = 69, 77, 78
@@ -68,17 +75,20 @@ class ReloadOutcome:
 def load_everything(path: str | None) -> tuple[Config, dict[str, Available], list[str]]:
     """Plugins (their dirs come from the raw file), then the validated config."""
     raw = read_raw_daemon_section(path)
-    dirs = raw.get("plugin_dirs", ["/etc/mptcpd-py/plugins.d"])
-    if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
-        dirs = []
-    # Not yet validated: never import from a relative directory (the
-    # current one, say) only to refuse the config a moment later.
-    dirs = [d for d in dirs if usable_path(d)]
-    available, problems = discover(dirs)
-    config = load_config(path, schemas(available))
+    # Read as the schema will read it (a string is a one-item list), so
+    # that the plugins found are those of the config validated below.
+    option = DAEMON.options["plugin_dirs"]
+    dirs, wrong = check_value(option, raw.get("plugin_dirs", option.default), ())
+    if wrong:
+        # The config is refused for it below; meanwhile never import from a
+        # relative directory (the current one, say), only from usable ones.
+        listed = raw["plugin_dirs"] if isinstance(raw["plugin_dirs"], list) else []
+        dirs = [d for d in listed if usable_path(d)]
+    found = discover_plugins(dirs)
+    config = load_config(path, schemas(found.available), found.unloaded)
     if tuple(config.daemon.plugin_dirs) != tuple(dirs):  # pragma: no cover - defensive
-        available, problems = discover(config.daemon.plugin_dirs)
-    return config, available, problems
+        found = discover_plugins(config.daemon.plugin_dirs)
+    return config, found.available, found.problems
 
 
 class Daemon:

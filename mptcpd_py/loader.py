@@ -117,10 +117,23 @@ def load_entry_point(ep: Any) -> type[Plugin]:
     return verify_plugin_class(loaded, origin)
 
 
-def discover(plugin_dirs: tuple[str, ...] | list[str]) -> tuple[dict[str, Available], list[str]]:
-    """Every plugin that can be loaded, and one line per one that cannot."""
+@dataclass
+class Discovery:
+    """What :func:`discover_plugins` found: the plugins that loaded, one line
+    per one that did not, and those lines again by the name the failed
+    plugin most likely has (a file's stem, an entry point's name), so that
+    a config enabling it can say why it is missing."""
+
+    available: dict[str, Available]
+    problems: list[str]
+    unloaded: dict[str, str]
+
+
+def discover_plugins(plugin_dirs: tuple[str, ...] | list[str]) -> Discovery:
+    """Every plugin that can be loaded, and why each other one cannot."""
     found: dict[str, Available] = {}
     problems: list[str] = []
+    unloaded: dict[str, str] = {}
 
     def add(cls: type[Plugin], origin: str) -> None:
         if cls.name in found:
@@ -131,27 +144,40 @@ def discover(plugin_dirs: tuple[str, ...] | list[str]) -> tuple[dict[str, Availa
             return
         found[cls.name] = Available(cls, origin)
 
+    def failed(name: str, problem: str) -> None:
+        problems.append(problem)
+        unloaded.setdefault(name, problem)
+
     for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         try:
             add(load_entry_point(ep), f"entry point {ep.name} ({ep.value})")
         except PluginError as exc:
-            problems.append(str(exc))
+            failed(ep.name, str(exc))
     for directory in plugin_dirs:
         if not os.path.isdir(directory):
             continue  # an absent drop-in directory is normal
+        entries = [e for e in sorted(os.listdir(directory))
+                   if e.endswith(".py") and not e.startswith(".")]
         reason = unsafe_reason(directory)
         if reason:
-            problems.append(f"{directory}: plugin directory refused: {reason}")
+            problem = f"{directory}: plugin directory refused: {reason}"
+            problems.append(problem)
+            for entry in entries:  # listed, never imported
+                unloaded.setdefault(entry[:-3], problem)
             continue
-        for entry in sorted(os.listdir(directory)):
-            if not entry.endswith(".py") or entry.startswith("."):
-                continue
+        for entry in entries:
             path = os.path.join(directory, entry)
             try:
                 add(load_file(path), path)
             except PluginError as exc:
-                problems.append(str(exc))
-    return found, problems
+                failed(entry[:-3], str(exc))
+    return Discovery(found, problems, unloaded)
+
+
+def discover(plugin_dirs: tuple[str, ...] | list[str]) -> tuple[dict[str, Available], list[str]]:
+    """Every plugin that can be loaded, and one line per one that cannot."""
+    found = discover_plugins(plugin_dirs)
+    return found.available, found.problems
 
 
 def schemas(available: dict[str, Available]) -> dict[str, Schema]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,73 @@ def test_check_config_never_imports_plugins_from_a_relative_directory(
     cfg.write_text('[daemon]\nplugin_dirs = ["dropins"]\n')
     assert main(["check-config", str(cfg)]) == 78
     assert not marker.exists()
+
+
+MINIMAL_PLUGIN = '''
+from mptcpd_py.plugin import Plugin
+
+
+class MyPlug(Plugin):
+    name = "myplug"
+'''
+
+
+def dropin(directory: Path, source: str, mode: int = 0o644) -> Path:
+    directory.mkdir(mode=0o755, exist_ok=True)
+    path = directory / "myplug.py"
+    path.write_text(source)
+    os.chmod(path, mode)
+    return path
+
+
+@pytest.mark.parametrize(("uses", "where"), [('plugins = ["myplug"]\n', "3: daemon.plugins"),
+                                             ("plugins = []\n[plugins.myplug]\n",
+                                              "4: plugins.myplug")])
+def test_check_config_says_why_a_plugin_the_config_uses_did_not_load(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], uses: str, where: str) -> None:
+    """Not "unknown plugin": the loader's own reason (DESIGN §4)."""
+    plugdir = tmp_path / "plugins.d"
+    path = dropin(plugdir, MINIMAL_PLUGIN, mode=0o664)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\nplugin_dirs = ["{plugdir}"]\n{uses}')
+    assert main(["check-config", str(cfg)]) == 78
+    assert capsys.readouterr().err.splitlines() == [
+        f"{cfg}:{where}: plugin 'myplug' not loaded: "
+        f"{path}: refused: writable by group (mode 0664)"]
+
+
+def test_check_config_names_a_plugin_s_syntax_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plugdir = tmp_path / "plugins.d"
+    path = dropin(plugdir, MINIMAL_PLUGIN + "    def broken(:\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\nplugin_dirs = ["{plugdir}"]\nplugins = ["myplug"]\n')
+    assert main(["check-config", str(cfg)]) == 78
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"{cfg}:3: daemon.plugins: plugin 'myplug' not loaded: "
+                           f"{path}:7: syntax error: ")
+
+
+def test_check_config_names_a_refused_plugin_directory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plugdir = tmp_path / "plugins.d"
+    dropin(plugdir, MINIMAL_PLUGIN)
+    os.chmod(plugdir, 0o777)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\nplugin_dirs = ["{plugdir}"]\nplugins = ["myplug"]\n')
+    assert main(["check-config", str(cfg)]) == 78
+    assert capsys.readouterr().err.splitlines() == [
+        f"{cfg}:3: daemon.plugins: plugin 'myplug' not loaded: {plugdir}: plugin directory "
+        "refused: writable by group and others (mode 0777)"]
+
+
+def test_plugin_dirs_as_one_string_is_a_one_item_list(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The schema takes a string for a list of strings; the plugins are
+    looked for in that directory as well."""
+    plugdir = tmp_path / "plugins.d"
+    dropin(plugdir, MINIMAL_PLUGIN)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\nplugin_dirs = "{plugdir}"\nplugins = ["myplug"]\n')
+    assert main(["check-config", str(cfg)]) == 0
+    assert f"{cfg}: OK (plugins: myplug)" in capsys.readouterr().out
