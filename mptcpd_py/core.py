@@ -36,6 +36,7 @@ from mptcpd_py.netlink.probe import probe_capabilities
 from mptcpd_py.netlink.rtnl import Rtnl, RtnlEvents, main_default_route
 from mptcpd_py.netlink.types import (
     CHANGEABLE_FLAGS,
+    Address,
     AddressEvent,
     Capabilities,
     EndpointFlags,
@@ -45,6 +46,7 @@ from mptcpd_py.netlink.types import (
     ResyncNeeded,
     RouteEvent,
     RtnlEvent,
+    parse_address,
 )
 from mptcpd_py.plugin import EndpointIntent, PluginState
 from mptcpd_py.plugins_host import FAILED, PluginHost
@@ -433,8 +435,10 @@ class Core:
             problem = ""
             if not isinstance(item, EndpointIntent):
                 problem = f"returned {type(item).__name__}, not EndpointIntent"
-            elif item.address not in known:
-                problem = f"endpoint {item.address}: not an address of this host"
+            elif item.address not in known:  # not local, or a string to parse
+                item, problem = _local_intent(item, known)  # noqa: PLW2901 (parsed)
+            if problem:
+                pass
             elif item.ifindex and (item.address, item.ifindex) not in addresses:
                 problem = f"endpoint {item.address}: not on interface index {item.ifindex}"
             elif not isinstance(item.flags, int) or item.flags < 0 or item.flags >= 64:
@@ -443,6 +447,9 @@ class Core:
                 problem = f"endpoint {item.address}: signal and fullmesh cannot be combined"
             elif not isinstance(item.port, int) or not 0 <= item.port < 65536:
                 problem = f"endpoint {item.address}: invalid port {item.port!r}"
+            elif item.port and item.flags & _SIGNAL_SUBFLOW != _SIGNAL:  # as the kernel
+                problem = (f"endpoint {item.address}: a port needs the signal flag and "
+                           "not subflow (the kernel refuses it otherwise)")
             elif _priority(item.priority) is None:
                 problem = (f"endpoint {item.address}: invalid priority {item.priority!r} "
                            "(a number or a tuple of numbers, lower wins)")
@@ -719,6 +726,28 @@ def _event_fields(event: Any) -> dict[str, Any]:
 
 
 _SIGNAL_FULLMESH = int(EndpointFlags.SIGNAL | EndpointFlags.FULLMESH)
+_SIGNAL_SUBFLOW = int(EndpointFlags.SIGNAL | EndpointFlags.SUBFLOW)
+_SIGNAL = int(EndpointFlags.SIGNAL)
+
+
+def _local_intent(item: EndpointIntent, known: frozenset[Address]
+                  ) -> tuple[EndpointIntent, str]:
+    """An intent whose address, as given, is not one of ``known``: with a
+    string address parsed (plugins may write addresses as text, as the
+    userspace context's methods take them), or what is wrong with it."""
+    address: object = item.address
+    if isinstance(address, str):
+        try:
+            address = parse_address(address)
+        except ValueError:
+            return item, f"endpoint {address!r}: not an IP address"
+        item = replace(item, address=address)
+    elif not isinstance(address, Address):
+        return item, (f"endpoint {address!r}: the address must be an ipaddress address or "
+                      f"a string, not {type(address).__name__}")
+    if address not in known:
+        return item, f"endpoint {address}: not an address of this host"
+    return item, ""
 _PLAIN_NUMBERS = frozenset((int, float))
 
 

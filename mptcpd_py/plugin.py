@@ -54,10 +54,10 @@ __all__ = [
 class EndpointIntent:
     """An endpoint a plugin wants to exist (in-kernel path manager)."""
 
-    address: Address
+    address: Address  # a plugin may give a string: the core parses it
     ifindex: int
     flags: EndpointFlags
-    port: int = 0
+    port: int = 0  # only with SIGNAL and without SUBFLOW (the kernel's rule)
     priority: tuple[Any, ...] = ()  # lower wins when the kernel's 8 slots are scarce
     plugin: str = ""  # who proposed it (filled in by the core)
     reason: str = ""  # why, for logs and `ctl monitor`
