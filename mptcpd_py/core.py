@@ -16,6 +16,7 @@ import asyncio
 import bisect
 import contextlib
 import errno
+import ipaddress
 import os
 import time
 from collections import Counter, deque
@@ -435,24 +436,11 @@ class Core:
             problem = ""
             if not isinstance(item, EndpointIntent):
                 problem = f"returned {type(item).__name__}, not EndpointIntent"
-            elif item.address not in known:  # not local, or a string to parse
+            elif type(item.address) not in _ADDRESS_TYPES or item.address not in known:
+                # Not local, text to parse, or no address at all (unhashable too).
                 item, problem = _local_intent(item, known)  # noqa: PLW2901 (parsed)
-            if problem:
-                pass
-            elif item.ifindex and (item.address, item.ifindex) not in addresses:
-                problem = f"endpoint {item.address}: not on interface index {item.ifindex}"
-            elif not isinstance(item.flags, int) or item.flags < 0 or item.flags >= 64:
-                problem = f"endpoint {item.address}: invalid flags {item.flags!r}"
-            elif item.flags & _SIGNAL_FULLMESH == _SIGNAL_FULLMESH:  # int test, no enum ops
-                problem = f"endpoint {item.address}: signal and fullmesh cannot be combined"
-            elif not isinstance(item.port, int) or not 0 <= item.port < 65536:
-                problem = f"endpoint {item.address}: invalid port {item.port!r}"
-            elif item.port and item.flags & _SIGNAL_SUBFLOW != _SIGNAL:  # as the kernel
-                problem = (f"endpoint {item.address}: a port needs the signal flag and "
-                           "not subflow (the kernel refuses it otherwise)")
-            elif _priority(item.priority) is None:
-                problem = (f"endpoint {item.address}: invalid priority {item.priority!r} "
-                           "(a number or a tuple of numbers, lower wins)")
+            if not problem:
+                problem = _intent_problem(item, addresses)
             if problem:
                 self.host.fail(state, "endpoints", f"invalid result: {problem}")
                 return None
@@ -728,6 +716,7 @@ def _event_fields(event: Any) -> dict[str, Any]:
 _SIGNAL_FULLMESH = int(EndpointFlags.SIGNAL | EndpointFlags.FULLMESH)
 _SIGNAL_SUBFLOW = int(EndpointFlags.SIGNAL | EndpointFlags.SUBFLOW)
 _SIGNAL = int(EndpointFlags.SIGNAL)
+_ADDRESS_TYPES = frozenset((ipaddress.IPv4Address, ipaddress.IPv6Address))
 
 
 def _local_intent(item: EndpointIntent, known: frozenset[Address]
@@ -748,6 +737,29 @@ def _local_intent(item: EndpointIntent, known: frozenset[Address]
     if address not in known:
         return item, f"endpoint {address}: not an address of this host"
     return item, ""
+
+
+def _intent_problem(item: EndpointIntent, addresses: frozenset[tuple[Address, int]]) -> str:
+    """What is wrong with an intent for a local address, or ""."""
+    if not isinstance(item.ifindex, int) or item.ifindex < 0:
+        return f"endpoint {item.address}: invalid interface index {item.ifindex!r}"
+    if item.ifindex and (item.address, item.ifindex) not in addresses:
+        return f"endpoint {item.address}: not on interface index {item.ifindex}"
+    if not isinstance(item.flags, int) or item.flags < 0 or item.flags >= 64:
+        return f"endpoint {item.address}: invalid flags {item.flags!r}"
+    if item.flags & _SIGNAL_FULLMESH == _SIGNAL_FULLMESH:  # int tests, no enum ops
+        return f"endpoint {item.address}: signal and fullmesh cannot be combined"
+    if not isinstance(item.port, int) or not 0 <= item.port < 65536:
+        return f"endpoint {item.address}: invalid port {item.port!r}"
+    if item.port and item.flags & _SIGNAL_SUBFLOW != _SIGNAL:  # as the kernel
+        return (f"endpoint {item.address}: a port needs the signal flag and not subflow "
+                "(the kernel refuses it otherwise)")
+    if _priority(item.priority) is None:
+        return (f"endpoint {item.address}: invalid priority {item.priority!r} "
+                "(a number or a tuple of numbers, lower wins)")
+    return ""
+
+
 _PLAIN_NUMBERS = frozenset((int, float))
 
 

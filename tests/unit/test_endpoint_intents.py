@@ -70,6 +70,9 @@ async def test_an_address_given_as_text_is_parsed() -> None:
     ("eth0", "endpoint 'eth0': not an IP address"),
     (3221225985, "endpoint 3221225985: the address must be an ipaddress address or a string, "
                  "not int"),
+    # Unhashable: a set lookup would raise in the core's pass, not in the plugin.
+    (["192.0.2.1"], "endpoint ['192.0.2.1']: the address must be an ipaddress address or a "
+                    "string, not list"),
 ])
 async def test_an_address_that_is_not_local_or_not_an_address_is_named(
         address: Any, problem: str) -> None:
@@ -97,3 +100,12 @@ async def test_a_port_with_signal_alone_is_accepted(flags: EndpointFlags) -> Non
                                                  port=10000))
     assert state.last_error == ""
     assert [(i.port, i.flags) for i in wanted] == [(10000, EndpointFlags(flags))]
+
+
+@pytest.mark.parametrize("ifindex", [[ETH0], -1, "eth0"])
+async def test_an_interface_index_that_is_not_one_is_named(ifindex: Any) -> None:
+    wanted, state = await desired(EndpointIntent(ipaddress.ip_address(LOCAL), ifindex,
+                                                 EndpointFlags.SUBFLOW))
+    assert wanted == []
+    assert state.last_error == (f"invalid result: endpoint 192.0.2.1: invalid interface index "
+                                f"{ifindex!r}")
