@@ -7,15 +7,19 @@ its own interface. This does it for every endpoint address whose interface
 has a default gateway, and undoes it when the endpoint goes.
 
 Only rules and routes recorded in the state file are ever removed; tables
-are ``table_base + ifindex``. A rule or table route that already exists and
-that no other owned address explains belongs to someone else (an admin, a
-network manager): the address is then left to its owner, nothing of it is
-recorded, and a full pass looks again once that object has gone.
+are ``table_base + ifindex``: the addresses of one interface share its
+table and routes (each has its own rule), and a table route goes with the
+last owned address that needs it. A rule or table route that already
+exists and that no other owned address explains belongs to someone else
+(an admin, a network manager): the address is then left to its owner,
+nothing of it is recorded, and a full pass looks again once that object
+has gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable
@@ -175,8 +179,10 @@ class SourceRouting:
         others = [o for o in self.owned.values()
                   if o.address != r.address and o.table == r.table
                   and _family(o.address) == _family(r.address)]
-        needed = {route for o in others for route in _table_routes(o)}
-        return [route for route in _table_routes(r) if route in needed]
+        # By the kernel's identity: the IPv4 subnet route names each address
+        # as its prefsrc, yet the table holds one such route for them all.
+        needed = {_route_key(route) for o in others for route in _table_routes(o)}
+        return [route for route in _table_routes(r) if _route_key(route) in needed]
 
     async def _add(self, r: OwnedRoute) -> None:
         self.owned[r.address] = r
@@ -235,8 +241,10 @@ class SourceRouting:
         for route in _table_routes(r):
             if route in keep:
                 continue
+            # Without prefsrc: the route may carry that of the address that
+            # added it first, and the kernel deletes only on a match.
             with contextlib.suppress(KernelError):  # gone with its link already
-                await self.rtnl.delete_route(route)
+                await self.rtnl.delete_route(dataclasses.replace(route, prefsrc=None))
         self.owned.pop(r.address, None)
         self.store.save()
         if not quiet:

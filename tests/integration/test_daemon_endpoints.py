@@ -462,6 +462,57 @@ def test_own_source_route_deleted_by_someone_else_is_restored_whole(
     assert [line["addr"] for line in changed] == ["192.0.2.1", "192.0.2.1"]
 
 
+def test_two_addresses_of_one_subnet_share_their_table_and_each_keep_a_rule(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    """Two addresses of one subnet on one interface share its table: the
+    IPv4 subnet route carries the first one's prefsrc, which the kernel's
+    route identity ignores (the second add gets EEXIST). Each address still
+    gets its own rule; the one whose prefsrc the route carries going first
+    leaves the other its rule and routes; on stop all goes."""
+    box.sysctl("net.ipv4.conf.eth0.promote_secondaries", 1)  # .11 outlives .1
+    box.ip("addr", "add", "192.0.2.11/24", "dev", "eth0")
+    box.ip("route", "add", "default", "via", "192.0.2.254", "dev", "eth0")
+    box.ip("addr", "add", "2001:db8:7::1/64", "dev", "eth0", "nodad")
+    box.ip("addr", "add", "2001:db8:7::2/64", "dev", "eth0", "nodad")
+    box.ip("-6", "route", "add", "default", "via", "2001:db8:7::fe", "dev", "eth0")
+    d = daemons(box, daemon_config(str(tmp_path / "state"))).start()
+
+    def table_of(address: str) -> str:
+        rules = box.ip("-6" if ":" in address else "-4", "rule", "show")
+        return rules.split(f"from {address} lookup ")[1].split()[0] \
+            if f"from {address} lookup " in rules else ""
+
+    wait_for(lambda: all(table_of(a) for a in ("192.0.2.1", "192.0.2.11",
+                                               "2001:db8:7::1", "2001:db8:7::2")),
+             what="a rule for each of the four addresses")
+    table = table_of("192.0.2.1")
+    assert {table_of(a) for a in ("192.0.2.11", "2001:db8:7::1", "2001:db8:7::2")} == {table}
+    v4 = box.ip("route", "show", "table", table)
+    assert "default via 192.0.2.254 dev eth0" in v4 and "192.0.2.0/24 dev eth0" in v4
+    v6 = box.ip("-6", "route", "show", "table", table)
+    assert "default via 2001:db8:7::fe dev eth0" in v6 and "2001:db8:7::/64 dev eth0" in v6
+    # The address the subnet route names as its source goes first.
+    first = v4.split("192.0.2.0/24 dev eth0")[1].split(" src ")[1].split()[0]
+    other = "192.0.2.11" if first == "192.0.2.1" else "192.0.2.1"
+    box.ip("addr", "del", f"{first}/24", "dev", "eth0")
+    box.ip("addr", "del", "2001:db8:7::1/64", "dev", "eth0")
+    d.wait_log("source route removed", addr=first)
+    d.wait_log("source route removed", addr="2001:db8:7::1")
+    assert table_of(first) == "" and table_of("2001:db8:7::1") == ""
+    assert table_of(other) == table == table_of("2001:db8:7::2")
+    v4 = box.ip("route", "show", "table", table)
+    assert "default via 192.0.2.254 dev eth0" in v4 and "192.0.2.0/24 dev eth0" in v4
+    v6 = box.ip("-6", "route", "show", "table", table)
+    assert "default via 2001:db8:7::fe dev eth0" in v6 and "2001:db8:7::/64 dev eth0" in v6
+    assert d.stop() == 0
+    assert "from 192.0.2." not in box.ip("-4", "rule", "show")
+    assert "from 2001:db8:7::" not in box.ip("-6", "rule", "show")
+    assert box.ip("route", "show", "table", table).strip() == ""
+    assert box.ip("-6", "route", "show", "table", table).strip() == ""
+    assert d.errors() == []
+    assert not [line for line in d.logs() if line["event"] == "source route left to its owner"]
+
+
 def _joined_from(ns: Netns, address: str) -> bool:
     return any(str(s.local) == address for s in diag_subflows(ns))
 
