@@ -140,10 +140,15 @@ class SourceRouting:
         """Add (or correct) these routes and touch no others: what a pass
         does before adding an endpoint, whose first subflows the kernel
         opens inside the add itself."""
+        # Every outdated record goes before any is added anew: the addresses
+        # of one table share its routes, and a new gateway's default route
+        # added while another address still holds the old one would get
+        # EEXIST from ours (the kernel's identity ignores the gateway).
         for address, want in wanted.items():
             have = self.owned.get(address)
             if have is not None and have != want:
                 await self._remove(have)
+        for address, want in wanted.items():
             conflict = self.foreign.get(address)
             if conflict is not None and conflict[0] != want:
                 del self.foreign[address]  # that conflict was about another route

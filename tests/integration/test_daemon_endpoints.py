@@ -513,6 +513,45 @@ def test_two_addresses_of_one_subnet_share_their_table_and_each_keep_a_rule(
     assert not [line for line in d.logs() if line["event"] == "source route left to its owner"]
 
 
+def test_a_new_gateway_moves_the_shared_table_and_keeps_every_rule(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    """Two addresses share their interface's table: when its gateway
+    changes, the new default route must not be taken for someone else's
+    because the other address still held the old one (the kernel's route
+    identity ignores the gateway)."""
+    box.ip("addr", "add", "192.0.2.11/24", "dev", "eth0")
+    box.ip("route", "add", "default", "via", "192.0.2.254", "dev", "eth0")
+    box.ip("addr", "add", "2001:db8:7::1/64", "dev", "eth0", "nodad")
+    box.ip("addr", "add", "2001:db8:7::2/64", "dev", "eth0", "nodad")
+    box.ip("-6", "route", "add", "default", "via", "2001:db8:7::fe", "dev", "eth0")
+    d = daemons(box, daemon_config(str(tmp_path / "state"))).start()
+    addresses = ("192.0.2.1", "192.0.2.11", "2001:db8:7::1", "2001:db8:7::2")
+
+    def ruled() -> bool:
+        rules = box.ip("-4", "rule", "show") + box.ip("-6", "rule", "show")
+        return all(f"from {a} lookup " in rules for a in addresses)
+
+    wait_for(ruled, what="a rule for each of the four addresses")
+    table = box.ip("rule", "show").split("from 192.0.2.1 lookup ")[1].split()[0]
+    box.ip("route", "replace", "default", "via", "192.0.2.253", "dev", "eth0")
+    box.ip("-6", "route", "replace", "default", "via", "2001:db8:7::fd", "dev", "eth0")
+
+    def moved() -> bool:
+        v4 = box.ip("route", "show", "table", table)
+        v6 = box.ip("-6", "route", "show", "table", table)
+        return ("default via 192.0.2.253 dev eth0" in v4 and "192.0.2.254" not in v4
+                and "default via 2001:db8:7::fd dev eth0" in v6 and "2001:db8:7::fe" not in v6)
+
+    wait_for(lambda: moved() and ruled(), what="the table on the new gateways, every rule")
+    assert d.stop() == 0
+    assert "from 192.0.2." not in box.ip("-4", "rule", "show")
+    assert "from 2001:db8:7::" not in box.ip("-6", "rule", "show")
+    assert box.ip("route", "show", "table", table).strip() == ""
+    assert box.ip("-6", "route", "show", "table", table).strip() == ""
+    assert d.errors() == []
+    assert not [line for line in d.logs() if line["event"] == "source route left to its owner"]
+
+
 def _joined_from(ns: Netns, address: str) -> bool:
     return any(str(s.local) == address for s in diag_subflows(ns))
 
