@@ -85,6 +85,17 @@ def kept_flags() -> EndpointFlags:
     return _ALWAYS_KEPT
 
 
+def available_path_managers() -> tuple[str, ...]:
+    """``net.mptcp.available_path_managers`` (6.15+); before it, a kernel
+    with ``pm_type`` (5.19-6.14) has both, and an older one only "kernel"."""
+    listed = read_mptcp_sysctl("available_path_managers")
+    if listed:
+        return tuple(listed.split())
+    if read_mptcp_sysctl("pm_type") is not None:
+        return ("kernel", "userspace")
+    return ("kernel",)
+
+
 async def probe_capabilities(pm: MptcpPM | None = None) -> Capabilities:
     enabled = read_mptcp_sysctl("enabled")
     notes: list[str] = []
@@ -96,12 +107,11 @@ async def probe_capabilities(pm: MptcpPM | None = None) -> Capabilities:
             pm.close()
         except FamilyMissing as exc:
             notes.append(str(exc))
-    available = tuple((read_mptcp_sysctl("available_path_managers") or "kernel").split())
     return Capabilities(
         mptcp_enabled=enabled == "1",
         family_present=family_present,
         path_manager=active_path_manager(),
-        available_path_managers=available,
+        available_path_managers=available_path_managers(),
         kept_flags=await asyncio.to_thread(kept_flags),
         can_write=has_net_admin(),
         notes=tuple(notes),
