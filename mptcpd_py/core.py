@@ -183,6 +183,9 @@ class Core:
         # Set when a loop keeps crashing: the daemon exits non-zero (systemd restarts it).
         self.failed = asyncio.Event()
         self.failure = ""
+        # Set when start() begins changing the kernel: a start that fails
+        # from then on has something to take back (stop(undo=True)).
+        self.kernel_touched = False
 
     # ------------------------------------------------------------------ start
 
@@ -201,6 +204,7 @@ class Core:
         self.log.info("kernel probed", path_manager=self.caps.path_manager,
                       mptcp_enabled=self.caps.mptcp_enabled,
                       kept_flags=str(self.caps.kept_flags))
+        self.kernel_touched = True
         await apply_kernel_settings(cfg.kernel, self.caps, self.pm, self.store, self.log)
         self.caps = replace(self.caps, path_manager=cfg.kernel.path_manager,
                             mptcp_enabled=self.caps.mptcp_enabled or cfg.kernel.enable_mptcp)
@@ -646,9 +650,11 @@ class Core:
             self.userspace.config_changed()
         await self.reconcile_now("reload", full=True)
 
-    async def stop(self) -> None:
+    async def stop(self, *, undo: bool = False) -> None:
         """Let a running pass finish (cancelled half-way, an add acked by the
-        kernel could go unrecorded), then stop the loops and clean up."""
+        kernel could go unrecorded), then stop the loops and clean up.
+        ``undo``: remove and restore everything whatever ``on_exit`` says
+        (a start that failed part-way)."""
         self._stopping = True
         try:
             async with self._pass_lock:
@@ -658,7 +664,7 @@ class Core:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
                 self._tasks = []
-                if self.config.daemon.on_exit == "remove":
+                if undo or self.config.daemon.on_exit == "remove":
                     if self.reconciler is not None:
                         await self.reconciler.remove_all()
                     if self.routing is not None:

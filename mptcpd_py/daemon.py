@@ -151,8 +151,15 @@ class Daemon:
             self.log.error("cannot start", error=str(exc))
             notify(f"STATUS=failed: {exc}")
             await self._stop_observability()
-            if core_started:  # undo the first reconcile as a stop would (on_exit)
-                await self._stop_core()
+            if core_started or (self.core is not None and self.core.kernel_touched):
+                # A start that failed part-way takes back all it did (sysctls,
+                # limits, endpoints, routes), even with on_exit = "keep": keep
+                # is for an orderly stop, whose endpoints stay right until the
+                # next daemon adopts them. After a failed start nobody keeps
+                # them up to date and no next daemon may come (exits 69, 77
+                # and 78 are not restarted): half-applied settings that nobody
+                # restores are worse than none.
+                await self._stop_core(undo=True)
             else:
                 await self._close_core()
             return exc.code
@@ -331,12 +338,12 @@ class Daemon:
         ]
         return {command.name: command for command in commands}
 
-    async def _stop_core(self) -> bool:
+    async def _stop_core(self, *, undo: bool = False) -> bool:
         """Stop the core within STOP_TIMEOUT; False when it had to be cut short."""
         core = self.core
         assert core is not None
         try:
-            await asyncio.wait_for(core.stop(), STOP_TIMEOUT)
+            await asyncio.wait_for(core.stop(undo=undo), STOP_TIMEOUT)
         except TimeoutError:
             self.log.error("stop timed out; leaving the rest", timeout=STOP_TIMEOUT)
             core.close()

@@ -5,6 +5,8 @@ daemon's own values for the originals) and restored at exit."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from mptcpd_py.config import KernelConfig
@@ -24,6 +26,27 @@ class KernelSettingsError(MptcpdError):
     """A ``[kernel]`` setting the kernel cannot take."""
 
 
+@contextlib.contextmanager
+def _recorded(store: StateStore, key: str, original: str) -> Iterator[None]:
+    """Save ``net.mptcp.KEY``'s original in the state file *before* the
+    block changes it: a daemon killed right after the write leaves a record
+    the next start keeps (and restores at its exit). An original already
+    recorded (a restart after a crash) is the true one and stays. When the
+    block (the write) fails, nothing changed: a record made here goes again."""
+    saved = store.state.saved_sysctls
+    recorded_here = key not in saved
+    if recorded_here:
+        saved[key] = original
+        store.save()
+    try:
+        yield
+    except BaseException:
+        if recorded_here:
+            del saved[key]
+            store.save()
+        raise
+
+
 async def apply_kernel_settings(cfg: KernelConfig, caps: Capabilities, pm: PathManagerAPI,
                                 store: StateStore, log: Any) -> list[str]:
     """Apply; returns the warnings worth a log line. Raises
@@ -31,14 +54,14 @@ async def apply_kernel_settings(cfg: KernelConfig, caps: Capabilities, pm: PathM
     state = store.state
     warnings: list[str] = []
     if cfg.enable_mptcp and read_mptcp_sysctl("enabled") != "1":
-        state.saved_sysctls.setdefault("enabled", read_mptcp_sysctl("enabled") or "0")
-        try:
-            write_mptcp_sysctl("enabled", "1")
-            log.info("MPTCP enabled", sysctl="net.mptcp.enabled", value="1")
-        except OSError as exc:
-            raise KernelSettingsError(
-                f"kernel.enable_mptcp: cannot set net.mptcp.enabled=1: {exc.strerror}"
-            ) from None
+        with _recorded(store, "enabled", read_mptcp_sysctl("enabled") or "0"):
+            try:
+                write_mptcp_sysctl("enabled", "1")
+            except OSError as exc:
+                raise KernelSettingsError(
+                    f"kernel.enable_mptcp: cannot set net.mptcp.enabled=1: {exc.strerror}"
+                ) from None
+        log.info("MPTCP enabled", sysctl="net.mptcp.enabled", value="1")
     if not cfg.enable_mptcp and read_mptcp_sysctl("enabled") == "0":
         log.warning("MPTCP is disabled in this network namespace (net.mptcp.enabled = 0) "
                     "and kernel.enable_mptcp = false: endpoints are set up, but no "
@@ -51,13 +74,13 @@ async def apply_kernel_settings(cfg: KernelConfig, caps: Capabilities, pm: PathM
     current = active_path_manager()
     if current != cfg.path_manager:
         key = "path_manager" if read_mptcp_sysctl("path_manager") is not None else "pm_type"
-        state.saved_sysctls.setdefault(key, read_mptcp_sysctl(key) or "")
-        try:
-            set_path_manager(cfg.path_manager)
-        except OSError as exc:
-            raise KernelSettingsError(
-                f"kernel.path_manager: cannot switch to {cfg.path_manager}: {exc.strerror}"
-            ) from None
+        with _recorded(store, key, read_mptcp_sysctl(key) or ""):
+            try:
+                set_path_manager(cfg.path_manager)
+            except OSError as exc:
+                raise KernelSettingsError(
+                    f"kernel.path_manager: cannot switch to {cfg.path_manager}: {exc.strerror}"
+                ) from None
         log.info("path manager selected", path_manager=cfg.path_manager, previous=current)
     limits = cfg.limits
     if limits.subflows is not None or limits.add_addr_accepted is not None:
@@ -67,10 +90,18 @@ async def apply_kernel_settings(cfg: KernelConfig, caps: Capabilities, pm: PathM
             want_acc = before.add_addr_accepted if limits.add_addr_accepted is None \
                 else limits.add_addr_accepted
             if (want_sub, want_acc) != (before.subflows, before.add_addr_accepted):
-                if state.saved_limits is None:
+                recorded_here = state.saved_limits is None
+                if recorded_here:
                     state.saved_limits = {"subflows": before.subflows,
                                           "add_addr_accepted": before.add_addr_accepted}
-                await pm.set_limits(subflows=want_sub, add_addr_accepted=want_acc)
+                    store.save()  # before the change, as for the sysctls
+                try:
+                    await pm.set_limits(subflows=want_sub, add_addr_accepted=want_acc)
+                except KernelError:
+                    if recorded_here:  # refused: nothing changed, nothing to restore
+                        state.saved_limits = None
+                        store.save()
+                    raise
                 log.info("limits set", subflows=want_sub, add_addr_accepted=want_acc,
                          previous=f"{before.subflows}/{before.add_addr_accepted}")
         except KernelError as exc:

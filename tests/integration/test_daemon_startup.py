@@ -1,0 +1,116 @@
+"""A start that fails leaves the namespace as it found it: sysctls, limits,
+endpoints and source routes the start had changed are taken back (even
+with on_exit = "keep")."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mptcpd_py.lab import DaemonProcess, Lab, Netns, daemon_config
+
+ROOT = Path(__file__).resolve().parents[2]
+PATH_MANAGER = "/proc/sys/net/mptcp/path_manager"
+# A mount namespace of its own where net.mptcp.path_manager alone is
+# read-only: the start gets past net.mptcp.enabled, then fails.
+READ_ONLY_PATH_MANAGER = ["unshare", "--mount", "sh", "-c",
+                          f"mount --bind {PATH_MANAGER} {PATH_MANAGER} && "
+                          f'mount -o remount,bind,ro {PATH_MANAGER} && exec "$@"', "sh"]
+# Runs the daemon (the arguments after PYTHON -m mptcpd_py) with the source
+# routes' reconcile failing: a KernelError in the first pass, after its
+# endpoints and their routes were added, which the kernel does not give on demand.
+FAILING_FIRST_PASS = """
+import errno, sys
+sys.path.insert(0, {root!r})
+from mptcpd_py.errors import KernelError
+from mptcpd_py.routing import SourceRouting
+
+async def refuse(self, *args, **kwargs):
+    raise KernelError(errno.ENOBUFS, "injected", "route dump")
+
+SourceRouting.reconcile = refuse
+from mptcpd_py.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+@pytest.fixture
+def box(lab: Lab) -> Netns:
+    """box: eth0 (192.0.2.1/24, gateway 192.0.2.254), MPTCP off, limits
+    1/1; depends on ``lab``."""
+    ns = lab.netns("start")
+    ns.stub_link("eth0")
+    ns.ip("addr", "add", "192.0.2.1/24", "dev", "eth0")
+    ns.ip("route", "add", "default", "via", "192.0.2.254")
+    ns.sysctl("net.mptcp.enabled", 0)
+    ns.ip("mptcp", "limits", "set", "subflows", "1", "add_addr_accepted", "1")
+    return ns
+
+
+def refused_start(d: DaemonProcess, code: int) -> str:
+    """The daemon exits by itself with ``code`` and one error line, never ready."""
+    d.start(wait_ready=False)
+    assert d.proc is not None
+    assert d.proc.wait(timeout=20) == code, d.log_text()
+    d.close()
+    errors = d.errors()
+    assert len(errors) == 1, errors
+    assert "Traceback" not in d.log_text()
+    assert "READY=1" not in d.messages
+    return str(errors[0]["error"])
+
+
+def untouched(ns: Netns) -> dict[str, Any]:
+    """What the daemon may change, as the box fixture left it."""
+    return {"enabled": ns.read_sysctl("net.mptcp.enabled"),
+            "path_manager": ns.read_sysctl("net.mptcp.path_manager"),
+            "limits": ns.ip("mptcp", "limits", "show").split(),
+            "endpoints": ns.ip("mptcp", "endpoint", "show"),
+            "rules": [r for r in ns.ip_json("rule", "show") if r.get("priority") == 10000]}
+
+
+def saved(state_dir: Path) -> dict[str, Any]:
+    data = json.loads((state_dir / "state.json").read_text())
+    return {key: data[key] for key in ("endpoints", "routes", "saved_limits",
+                                       "saved_sysctls")}
+
+
+NOTHING_SAVED = {"endpoints": [], "routes": [], "saved_limits": None, "saved_sysctls": {}}
+
+
+def test_a_kernel_setting_refused_part_way_takes_back_the_ones_before_it(
+        box: Netns, daemons: Any, tmp_path: Path) -> None:
+    before = untouched(box)
+    state = tmp_path / "state"
+    cfg = daemon_config(str(state), plugins=["fullmesh"], on_exit="keep",
+                        extra='[kernel]\npath_manager = "userspace"\n')
+    d = daemons(box, cfg, prefix=READ_ONLY_PATH_MANAGER)
+    assert refused_start(d, 78) == \
+        "kernel.path_manager: cannot switch to userspace: Read-only file system"
+    assert untouched(box) == before  # net.mptcp.enabled is 0 again
+    assert saved(state) == NOTHING_SAVED
+
+
+def test_a_first_pass_that_fails_takes_back_endpoints_routes_limits_and_sysctls(
+        box: Netns, daemons: Any, tmp_path: Path) -> None:
+    before = untouched(box)
+    wrapper = tmp_path / "failing_first_pass.py"
+    wrapper.write_text(FAILING_FIRST_PASS.format(root=str(ROOT)))
+    state = tmp_path / "state"
+    cfg = daemon_config(str(state), plugins=["addr_adv"], on_exit="keep",
+                        extra="[kernel.limits]\nsubflows = 4\n")
+    d = daemons(box, cfg, prefix=[sys.executable, str(wrapper)])
+    assert refused_start(d, 1) == "route dump: kernel refused the request (injected)"
+    events = [line["event"] for line in d.logs()]
+    # It had got that far: all of it is undone.
+    for done in ("MPTCP enabled", "limits set", "endpoint added", "source route added",
+                 "endpoint removed", "source route removed", "limits restored",
+                 "sysctl restored"):
+        assert done in events, done
+    assert untouched(box) == before
+    assert saved(state) == NOTHING_SAVED
+
