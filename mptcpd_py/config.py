@@ -19,6 +19,7 @@ from importlib import resources
 from types import MappingProxyType
 from typing import Any
 
+from mptcpd_py.control import MAX_SOCKET_PATH, SOCKET_NAME
 from mptcpd_py.errors import ConfigError
 from mptcpd_py.schema import (
     BOOL,
@@ -72,6 +73,20 @@ def _absolute(path: str) -> str | None:
     return None if os.path.isabs(path) else f"must be an absolute path (got {path!r})"
 
 
+def _state_dir(path: str) -> str | None:
+    """An absolute path whose control socket's path fits a unix socket
+    address (found here, not at start after the kernel was changed)."""
+    problem = _absolute(path)
+    if problem:
+        return problem
+    socket_path = os.path.join(path, SOCKET_NAME)
+    length = len(os.fsencode(socket_path))
+    if length > MAX_SOCKET_PATH:
+        return (f"the control socket {socket_path} would be {length} bytes long, more than "
+                f"a socket path takes ({MAX_SOCKET_PATH})")
+    return None
+
+
 def usable_path(path: object) -> bool:
     """What ``_absolute`` accepts (for values read before validation)."""
     return isinstance(path, str) and _absolute(path) is None
@@ -120,7 +135,7 @@ DAEMON = Schema(
         "log_format": Option(STR, "auto", "auto: journal under systemd, console on a tty, "
                              "json otherwise.", choices=("auto", "journal", "json", "console")),
         "state_dir": Option(STR, "/run/mptcpd-py", "State file and control socket.",
-                            check=_absolute),
+                            check=_state_dir),
         "control_group": Option(STR, "", "Group allowed on the control socket besides root.",
                                 check=_group_exists),
         "plugin_dirs": Option(STR_LIST, ["/etc/mptcpd-py/plugins.d"],

@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 PROTOCOL_VERSION = 1
 SOCKET_NAME = "control"
 DEFAULT_SOCKET = "/run/mptcpd-py/control"
+MAX_SOCKET_PATH = 107  # bytes: sun_path holds 108, with the terminating NUL
 MAX_REQUEST = 64 * 1024  # bytes; a larger request is refused as oversized
 MAX_DATAGRAM = 60 * 1024  # bytes per reply datagram before it is fragmented
 MAX_FRAGMENTS = 16384  # a client refuses a reply announcing more
@@ -505,12 +506,23 @@ class ControlServer:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Create the socket (replacing a stale one) with mode 0660 and the
-        control group. Raises ControlError with a one-line reason."""
+        """Serve: bind first if :meth:`bind` was not called. Raises
+        ControlError with a one-line reason."""
+        if self.sock is None:
+            self.bind()
         self._loop = asyncio.get_running_loop()
-        if len(os.fsencode(self.path)) >= 108:
-            raise ControlError(f"control socket path {self.path} is longer than 107 bytes; "
-                               "choose a shorter daemon.state_dir")
+        self._resume()
+        self._housekeeping = asyncio.create_task(self._housekeep(), name="control-housekeeping")
+        self.log.info("control socket ready", path=self.path, group=self.group or "root only")
+
+    def bind(self) -> None:
+        """Create the socket (replacing a stale one) with mode 0660 and the
+        control group, without serving yet: the daemon does this before it
+        touches the kernel, so that a socket it cannot make stops the start
+        with nothing to undo. Raises ControlError with a one-line reason."""
+        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
+            raise ControlError(f"control socket path {self.path} is longer than "
+                               f"{MAX_SOCKET_PATH} bytes; choose a shorter daemon.state_dir")
         group_id = self._group_id(self.group)
         self._remove_stale()
         sock = socket.socket(socket.AF_UNIX,
@@ -538,9 +550,6 @@ class ControlServer:
         self.sock = sock
         self.group_id = group_id
         self._inode = (st.st_dev, st.st_ino)
-        self._resume()
-        self._housekeeping = asyncio.create_task(self._housekeep(), name="control-housekeeping")
-        self.log.info("control socket ready", path=self.path, group=self.group or "root only")
 
     @staticmethod
     def _grow_sndbuf(sock: socket.socket) -> None:

@@ -1,7 +1,8 @@
 """The daemon's lifecycle: start, sd_notify, signals, reload, stop.
 
-Startup order: config, netlink, first reconcile (all in the core), control
-socket, metrics listener, READY. SIGTERM / SIGINT: stop (monitor clients
+Startup order: config, state_dir lock, control socket (made, not yet
+served), netlink, kernel settings, first reconcile (all in the core),
+control socket served, metrics listener, READY. SIGTERM / SIGINT: stop (monitor clients
 told, endpoints removed and limits restored per ``on_exit``), exit 0.
 SIGHUP or ``ctl reload``: reload; a burst collapses into one, and a broken
 new config is logged (and returned to ``ctl``) while the old one stays in
@@ -140,12 +141,13 @@ class Daemon:
             self._lock_state_dir(config.daemon.state_dir)
             core = Core(config, available, netns=self.netns, log=self.log)
             self.core = core
+            self._bind_control(core)  # before the kernel is touched
             core.watchdog_interval = watchdog_interval()
             core.heartbeat = self._heartbeat
             core.on_status = self._status
             await self._start_core(core)
             core_started = True
-            await self._start_control(core)
+            await self._serve_control()
             await self._start_metrics(config.metrics.listen)
         except StartupError as exc:
             self.log.error("cannot start", error=str(exc))
@@ -205,15 +207,25 @@ class Daemon:
 
     # ------------------------------------------------------------------ control, metrics
 
-    async def _start_control(self, core: Core) -> None:
+    def _bind_control(self, core: Core) -> None:
+        """Make the control socket before the kernel is touched: one that
+        cannot be made (a path too long, a control_group without CAP_CHOWN,
+        a file in its way) is a setup problem that a restart does not fix,
+        so it is exit 78 (not restarted) with nothing to undo, instead of a
+        crash loop that adds and removes every endpoint each time. Requests
+        wait in its queue until the first reconcile is done."""
         path = os.path.join(core.config.daemon.state_dir, SOCKET_NAME)
         server = ControlServer(path, commands=self._control_commands(), monitor=core.monitor,
                                log=self.log, group=core.config.daemon.control_group)
         try:
-            await server.start()
+            server.bind()
         except ControlError as exc:
-            raise StartupError(str(exc), EX_SOFTWARE_FAIL) from None
+            raise StartupError(str(exc), EX_CONFIG) from None
         self.control = server
+
+    async def _serve_control(self) -> None:
+        assert self.control is not None
+        await self.control.start()
 
     async def _start_metrics(self, listen: str) -> None:
         """Metrics are optional: a listener that cannot start is logged (and

@@ -1,6 +1,7 @@
 """A start that fails leaves the namespace as it found it: sysctls, limits,
 endpoints and source routes the start had changed are taken back (even
-with on_exit = "keep")."""
+with on_exit = "keep"), and a control socket that cannot be made stops the
+start with exit 78 (not restarted) before the kernel is touched."""
 
 from __future__ import annotations
 
@@ -114,3 +115,31 @@ def test_a_first_pass_that_fails_takes_back_endpoints_routes_limits_and_sysctls(
     assert untouched(box) == before
     assert saved(state) == NOTHING_SAVED
 
+
+
+def test_a_control_socket_path_too_long_is_exit_78_before_the_kernel_is_touched(
+        box: Netns, daemons: Any, tmp_path: Path) -> None:
+    before = untouched(box)
+    state = tmp_path / ("s" * (107 - len(str(tmp_path)) - len("/control")))
+    assert len(str(state / "control")) == 108
+    d = daemons(box, daemon_config(str(state)))
+    error = refused_start(d, 78)
+    assert error.endswith(f": daemon.state_dir: the control socket {state}/control would be "
+                          "108 bytes long, more than a socket path takes (107)"), error
+    assert untouched(box) == before
+
+
+def test_a_control_group_without_cap_chown_is_exit_78_before_the_kernel_is_touched(
+        box: Netns, daemons: Any, tmp_path: Path) -> None:
+    before = untouched(box)
+    state = tmp_path / "state"
+    d = daemons(box, daemon_config(str(state), control_group="users"),
+                prefix=["setpriv", "--inh-caps=-chown", "--bounding-set=-chown"])
+    assert refused_start(d, 78) == (
+        f"control socket {state}/control: cannot give it to group 'users': changing a "
+        "file's group needs CAP_CHOWN (under systemd, add it with the drop-in in "
+        "docs/service.md, 'control_group')")
+    events = [line["event"] for line in d.logs()]
+    assert "kernel probed" not in events  # refused before netlink, let alone endpoints
+    assert untouched(box) == before
+    assert not (state / "control").exists()

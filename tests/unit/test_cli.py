@@ -32,6 +32,19 @@ def test_check_config_reports_each_problem_on_its_own_line_and_exits_78(
     ]
 
 
+def test_check_config_refuses_a_state_dir_too_long_for_the_control_socket(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fits = "/run/" + "d" * (107 - len("/run/") - len("/control"))  # 107 bytes, the most
+    cfg = tmp_path / "mptcpd.toml"
+    cfg.write_text(f'[daemon]\nplugin_dirs = []\nstate_dir = "{fits}"\n')
+    assert main(["check-config", str(cfg)]) == 0
+    cfg.write_text(f'[daemon]\nplugin_dirs = []\nstate_dir = "{fits}d"\n')
+    assert main(["check-config", str(cfg)]) == 78
+    assert capsys.readouterr().err == (
+        f"{cfg}:3: daemon.state_dir: the control socket {fits}d/control would be 108 bytes "
+        "long, more than a socket path takes (107)\n")
+
+
 def test_schema_lists_daemon_and_plugin_keys(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", str(ROOT / "conf" / "mptcpd.toml"), "--schema"]) == 0
     out = capsys.readouterr().out
