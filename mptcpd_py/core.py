@@ -168,7 +168,8 @@ class Core:
         self._pass_lock = asyncio.Lock()
         self._first_pass = asyncio.Event()
         self._pass_done = asyncio.Condition()
-        self._passes = 0
+        self._passes = 0  # passes run, failed ones too (reconcile_now waits on it)
+        self._last_pass_error: KernelError | None = None
         # What triggered the running pass (for monitor): an event is only
         # turned into words when someone asks.
         self._pass_reasons: list[str | RtnlEvent] = []
@@ -371,11 +372,14 @@ class Core:
             self._kick.set()
 
     async def reconcile_now(self, reason: str, full: bool = True) -> None:
-        """Request a pass and wait until one that includes it has finished."""
+        """Request a pass and wait until one that includes it has finished;
+        raises the KernelError that ended it if the last one failed."""
         target = self._passes + (2 if self._pass_lock.locked() else 1)
         self.request_reconcile(reason, full=full)
         async with self._pass_done:
             await self._pass_done.wait_for(lambda: self._passes >= target)
+            if self._last_pass_error is not None:
+                raise self._last_pass_error
 
     async def _reconcile_loop(self) -> None:
         interval = self.config.daemon.reconcile_interval
@@ -459,6 +463,20 @@ class Core:
         return tuple(out)
 
     async def _reconcile_pass(self, *, full: bool, reasons: list[str | RtnlEvent]) -> None:
+        try:
+            await self._run_pass(full=full, reasons=reasons)
+        except KernelError as exc:
+            await self._pass_finished(exc)  # a failed pass has run all the same
+            raise
+        await self._pass_finished(None)
+
+    async def _pass_finished(self, error: KernelError | None) -> None:
+        async with self._pass_done:
+            self._passes += 1
+            self._last_pass_error = error
+            self._pass_done.notify_all()
+
+    async def _run_pass(self, *, full: bool, reasons: list[str | RtnlEvent]) -> None:
         async with self._pass_lock:
             assert self.reconciler is not None and self.routing is not None
             net = self.model.snapshot()
@@ -488,9 +506,6 @@ class Core:
             self._say_waiting(result.plan.waiting)
             self._first_pass.set()
             self.on_status(self.status_line())
-        async with self._pass_done:
-            self._passes += 1
-            self._pass_done.notify_all()
 
     def _check_kernel_settings(self) -> None:
         """Say once when net.mptcp.path_manager or net.mptcp.enabled no longer
