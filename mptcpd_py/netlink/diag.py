@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from mptcpd_py.netlink.socket import NLM_F_DUMP, NLM_F_REQUEST, NetlinkSocket
-from mptcpd_py.netlink.types import Address
+from mptcpd_py.netlink.types import Address, unmapped
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -135,11 +135,7 @@ class SockDiag:
             if SUBFLOW_ATTR_FLAGS in info else 0
         local_id = info.get(SUBFLOW_ATTR_ID_LOC, b"\0")[0]
         remote_id = info.get(SUBFLOW_ATTR_ID_REM, b"\0")[0]
-        local, remote = _addr(family, src), _addr(family, dst)
-        if isinstance(local, ipaddress.IPv6Address) and local.ipv4_mapped:
-            local = local.ipv4_mapped
-        if isinstance(remote, ipaddress.IPv6Address) and remote.ipv4_mapped:
-            remote = remote.ipv4_mapped
+        local, remote = unmapped(_addr(family, src)), unmapped(_addr(family, dst))
         return DiagSubflow(token, local, sport, remote, dport, local_id, remote_id,
                            bool(flags & SUBFLOW_FLAG_BKUP_LOC), ifindex)
 

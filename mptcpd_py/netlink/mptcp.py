@@ -40,6 +40,7 @@ from mptcpd_py.netlink.types import (
     SubflowEvent,
     UnknownMptcpEvent,
     parse_address,
+    unmapped,
 )
 
 
@@ -271,7 +272,9 @@ def _addr(attrs: dict[int, bytes], v4: int, v6: int) -> Address:
     if raw is None:
         family = c.as_u16(attrs.get(c.EV_FAMILY), socket.AF_INET)
         return _UNSPECIFIED.get(family, _UNSPECIFIED[socket.AF_INET])
-    return c.as_address(raw)
+    # A dual-stack socket's IPv4 subflows come as ::ffff:a.b.c.d in the *6
+    # attributes (MPTCP_ATTR_FAMILY AF_INET6): plain IPv4, as sock_diag's.
+    return unmapped(c.as_address(raw))
 
 
 def decode_event(data: bytes) -> MptcpEvent:

@@ -23,6 +23,15 @@ def parse_address(text: str | bytes | int | Address) -> Address:
     return ipaddress.ip_address(text)
 
 
+def unmapped(address: Address) -> Address:
+    """An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) as the IPv4 address it
+    stands for; any other address as it is. The kernel reports a dual-stack
+    (AF_INET6) socket's IPv4 subflows mapped: one peer, one key, one family."""
+    if isinstance(address, ipaddress.IPv6Address) and (v4 := address.ipv4_mapped) is not None:
+        return v4
+    return address
+
+
 def family_of(address: Address) -> int:
     return socket.AF_INET if address.version == 4 else socket.AF_INET6
 

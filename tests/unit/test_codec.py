@@ -92,6 +92,27 @@ def test_subflow_event_decodes_like_pyroute2_encodes_it() -> None:
                                  A("2001:db8::2"), 40000, 443, True, 9, 111, 3, None)
 
 
+@pytest.mark.parametrize("kind", [MptcpEventType.CREATED, MptcpEventType.SUB_ESTABLISHED,
+                                  MptcpEventType.ANNOUNCED])
+def test_v4_mapped_addresses_of_a_dual_stack_socket_decode_as_ipv4(
+        kind: MptcpEventType) -> None:
+    """An AF_INET6 socket's IPv4 peer comes as ::ffff:a.b.c.d in the *6
+    attributes (what this kernel sends); events carry it as plain IPv4, as
+    sock_diag's subflows do, so the peer compares equal to an IPv4 address."""
+    event = decode_event(event_bytes(kind, [
+        ("MPTCP_ATTR_TOKEN", 7), ("MPTCP_ATTR_FAMILY", 10),
+        ("MPTCP_ATTR_SADDR6", "::ffff:192.0.2.1"), ("MPTCP_ATTR_DADDR6", "::ffff:192.0.2.2"),
+        ("MPTCP_ATTR_SPORT", 1234), ("MPTCP_ATTR_DPORT", 80)]))
+    assert isinstance(event, ConnectionEvent | SubflowEvent | AddressAnnounced)
+    assert event.daddr == A("192.0.2.2") and event.daddr.version == 4
+    if not isinstance(event, AddressAnnounced):
+        assert event.saddr == A("192.0.2.1") and event.saddr.version == 4
+    ordinary_v6 = decode_event(event_bytes(kind, [
+        ("MPTCP_ATTR_TOKEN", 7), ("MPTCP_ATTR_FAMILY", 10), ("MPTCP_ATTR_SADDR6", "::1"),
+        ("MPTCP_ATTR_DADDR6", "2001:db8::ffff:c000:202")]))
+    assert ordinary_v6.daddr == A("2001:db8::ffff:c000:202")  # type: ignore[union-attr]
+
+
 def test_connection_announce_listener_and_unknown_events() -> None:
     created = decode_event(event_bytes(MptcpEventType.CREATED, [
         ("MPTCP_ATTR_TOKEN", 7), ("MPTCP_ATTR_FAMILY", 2), ("MPTCP_ATTR_SADDR4", "192.0.2.1"),
