@@ -354,15 +354,25 @@ def mptcp_connect(
     source: str | None = None,
     timeout: float = 5.0,
     congestion: str | None = None,
+    dual_stack: bool = False,
 ) -> MptcpPair:
     """Connect to ``listener`` (at ``address`` when it listens on a wildcard)
     from ``client_ns`` and accept: both ends, established. ``congestion``
     names the client's TCP congestion control (set before connect, so every
-    subflow uses it)."""
+    subflow uses it). ``dual_stack``: the client is an AF_INET6 socket
+    (IPV6_V6ONLY off) reaching an IPv4 address as ::ffff:a.b.c.d, as a
+    program written for IPv6 only does."""
     host, port = listener.getsockname()[:2]
     host = address or host
-    sock = client_ns.socket(listener.family)
+    family = listener.family
+    if dual_stack:
+        family = socket.AF_INET6
+        host = host if ":" in host else f"::ffff:{host}"
+        source = source if source is None or ":" in source else f"::ffff:{source}"
+    sock = client_ns.socket(family)
     sock.settimeout(timeout)
+    if dual_stack:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     if congestion:
         # An MPTCP socket takes any name before connect (its subflows then
         # quietly fall back to the default), so check the kernel has it.

@@ -11,9 +11,16 @@ Facts that shape this code (see ``kernel-mptcp-netlink.md``):
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 
-from mptcpd_py.errors import FamilyMissing, KernelError, NoSuchEndpoint, PermissionDenied
+from mptcpd_py.errors import (
+    FamilyMissing,
+    KernelError,
+    NoSuchEndpoint,
+    NoSuchSubflow,
+    PermissionDenied,
+)
 from mptcpd_py.netlink import codec as c
 from mptcpd_py.netlink.socket import (
     NETLINK_GENERIC,
@@ -225,7 +232,26 @@ class MptcpPM:
     async def subflow_destroy(
         self, token: int, local: Address, local_port: int, remote: Address, remote_port: int
     ) -> None:
-        """Close one subflow, named by its four-tuple (userspace PM)."""
+        """Close one subflow, named by its four-tuple (userspace PM).
+
+        Events name a dual-stack socket's IPv4 subflows in plain IPv4, but the
+        kernel finds an AF_INET6 subflow (the initial one of such a socket, or
+        one accepted on a [::] listener) only by its ::ffff: form: an IPv4 pair
+        it does not find is asked for again mapped."""
+        try:
+            await self._destroy(token, local, local_port, remote, remote_port)
+        except NoSuchSubflow as not_found:
+            if local.version != 4 or remote.version != 4:
+                raise
+            try:
+                await self._destroy(token, _mapped(local), local_port, _mapped(remote),
+                                    remote_port)
+            except NoSuchSubflow:
+                raise not_found from None
+
+    async def _destroy(
+        self, token: int, local: Address, local_port: int, remote: Address, remote_port: int
+    ) -> None:
         await self._call(
             c.CMD_SUBFLOW_DESTROY,
             c.address_attr(c.ATTR_ADDR, local, port=local_port),
@@ -265,6 +291,11 @@ _LISTENER_TYPES = (MptcpEventType.LISTENER_CREATED, MptcpEventType.LISTENER_CLOS
 _UNSPECIFIED: dict[int, Address] = {int(socket.AF_INET): parse_address("0.0.0.0"),
                                      int(socket.AF_INET6): parse_address("::")}
 _EVENT_TYPES = {t.value: t for t in MptcpEventType}
+
+
+def _mapped(address: Address) -> Address:
+    """An IPv4 address as a dual-stack socket holds it: ::ffff:a.b.c.d."""
+    return ipaddress.IPv6Address(f"::ffff:{address}")
 
 
 def _addr(attrs: dict[int, bytes], v4: int, v6: int) -> Address:

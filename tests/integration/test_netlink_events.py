@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -146,6 +147,57 @@ async def test_userspace_pm_subflows_announce_remove_and_priority(
             await pm.subflow_create(token ^ 0xFFFF, extra, 5, server_addr, port)
         with pytest.raises(NoSuchSubflow):
             await pm.subflow_destroy(token, extra, 1, server_addr, port)
+    finally:
+        if pair is not None:
+            pair.close()
+        pm.close()
+        client_events.close()
+        server_events.close()
+
+
+async def test_dual_stack_socket_events_carry_ipv4_and_commands_take_it(
+    two_paths: TwoPaths,
+) -> None:
+    """An AF_INET6 client socket reaching an IPv4 server (::ffff:192.0.2.2):
+    the kernel reports the connection and its initial subflow v4-mapped
+    (MPTCP_ATTR_FAMILY AF_INET6, the *6 attributes); the events say plain
+    IPv4, and every userspace-PM command takes the addresses as the events
+    give them, including SUBFLOW_DESTROY of that AF_INET6 initial subflow."""
+    tp = two_paths
+    tp.client.sysctl("net.mptcp.path_manager", "userspace")
+    client_events = await MptcpEvents.open(netns=tp.client.name)
+    server_events = await MptcpEvents.open(netns=tp.server.name)
+    pm = await MptcpPM.open(netns=tp.client.name)
+    pair = None
+    try:
+        server_addr, client_addr = A(tp.server_addr(0)), A(tp.client_addr(0))
+        extra = A(tp.client_addr(1))
+        listener = mptcp_listen(tp.server, str(server_addr))
+        port = listener.getsockname()[1]
+        pair = mptcp_connect(tp.client, listener, dual_stack=True)
+        assert pair.client.family == socket.AF_INET6
+        created = await next_event(client_events, is_type(T.CREATED))
+        assert (created.saddr, created.daddr) == (client_addr, server_addr)
+        assert created.saddr.version == created.daddr.version == 4
+        pair.server.sendall(b"x")
+        established = await next_event(client_events, is_type(T.ESTABLISHED))
+        assert (established.saddr, established.daddr) == (client_addr, server_addr)
+
+        await pm.subflow_create(created.token, extra, 5, server_addr, port)
+        sub = await next_event(client_events, is_type(T.SUB_ESTABLISHED))
+        assert (sub.saddr, sub.daddr, sub.local_id) == (extra, server_addr, 5)
+        await pm.set_subflow_backup(created.token, client_addr, server_addr, True)
+        prio = await next_event(server_events, lambda e: getattr(e, "type", None)
+                                == T.SUB_PRIORITY and e.remote_id == 0)
+        assert prio.backup
+        await pm.subflow_destroy(created.token, client_addr, created.sport, server_addr, port)
+        gone = await next_event(client_events, is_type(T.SUB_CLOSED))
+        assert (gone.saddr, gone.sport, gone.daddr) == (client_addr, created.sport, server_addr)
+        with pytest.raises(NoSuchSubflow):  # still told, when neither form is there
+            await pm.subflow_destroy(created.token, client_addr, 1, server_addr, port)
+        await pm.announce(created.token, extra, 5)  # the id its subflow gave it
+        announced = await next_event(server_events, is_type(T.ANNOUNCED))
+        assert (announced.remote_id, announced.daddr) == (5, extra)
     finally:
         if pair is not None:
             pair.close()
