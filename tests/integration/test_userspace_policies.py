@@ -152,6 +152,44 @@ def test_sspi_opens_one_subflow_per_interface(lab: Lab, daemons, tmp_path: Path)
     assert d.errors() == []
 
 
+def test_sspi_and_server_announce_serve_a_dual_stack_socket_with_an_ipv4_peer(
+        lab: Lab, daemons, tmp_path: Path) -> None:
+    """A program written for IPv6 (an AF_INET6 socket, IPV6_V6ONLY off) talking
+    to an IPv4 peer: the kernel reports such a connection v4-mapped
+    (::ffff:192.0.2.1). The client's sspi still opens the second interface's
+    subflow and, when the initial subflow's link goes down, closes that
+    subflow (an AF_INET6 one in the kernel); a server listening on [::]
+    still announces its other address."""
+    tp = TwoPaths(lab)
+    d = daemons(tp.client, daemon_config(str(tmp_path / "client"), plugins=["sspi"],
+                                         extra=USERSPACE), name="client").start()
+    server = daemons(tp.server, daemon_config(str(tmp_path / "server"),
+                                              plugins=["server_announce"], extra=USERSPACE),
+                     name="server").start()
+    listener = mptcp_listen(tp.server, "::")
+    pair = mptcp_connect(tp.client, listener, address="192.0.2.2", dual_stack=True)
+    pair.client.sendall(b"hello")  # the server side's ESTABLISHED waits for data
+    read_exactly(pair.server, 5)
+    pair.server.sendall(b"go")
+    token = client_token(tp, pair.client.getsockname()[1])
+
+    def subflows() -> list[tuple[str, str]]:
+        return sorted((str(s.local), str(s.remote))
+                      for s in subflows_by_token(tp.client).get(token, []))
+    wait_for(lambda: subflows() == [("192.0.2.1", "192.0.2.2"), ("198.51.100.1", "192.0.2.2")],
+             10, what=f"sspi's subflow from the second interface, have {subflows()}")
+    wait_for(lambda: tp.client.mptcp_mib().get("AddAddr", 0) >= 1, 10,
+             what="the server's ADD_ADDR received by the client")
+    tp.client.ip("link", "set", tp.ifnames[0], "down")
+    wait_for(lambda: subflows() == [("198.51.100.1", "192.0.2.2")], 10,
+             what=f"the initial subflow closed with its link, have {subflows()}")
+    pair.server.sendall(b"!")
+    assert read_exactly(pair.client, 3) == b"go!"
+    pair.close()
+    assert d.stop() == 0 and server.stop() == 0
+    assert d.errors() == [] and server.errors() == []
+
+
 def test_server_announces_its_other_addresses_to_each_client(
         lab: Lab, daemons, tmp_path: Path) -> None:
     tp = TwoPaths(lab)
