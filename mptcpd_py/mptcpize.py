@@ -9,6 +9,8 @@ system calls the shim cannot see.
 ``enable UNIT`` / ``disable UNIT`` do the same for a systemd service with a
 drop-in, ``/etc/systemd/system/UNIT.d/mptcpize.conf``: the unit file itself
 is never rewritten, and ``disable`` removes only a drop-in this command wrote.
+The unit's own LD_PRELOAD / GODEBUG, which the drop-in keeps, are read from
+its files without that drop-in: systemd's merged view includes it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ SYSTEMD_SYSTEM_DIR = Path("/etc/systemd/system")
 DROP_IN_NAME = "mptcpize.conf"
 MARKER = "# Written by `mptcpd-py mptcpize enable`"
 GO_MPTCP = "multipathtcp=1"
+PRELOAD_KEYS = ("LD_PRELOAD", "GODEBUG")  # the variables the drop-in composes
 
 
 class MptcpizeError(MptcpdError):
@@ -139,12 +142,102 @@ def parse_environment_property(value: str) -> dict[str, str]:
     return out
 
 
+def unit_file_assignments(text: str) -> Iterator[tuple[str, str, str]]:
+    """(section, key, value) of a unit file, read as systemd does: comments,
+    sections, and a line ending in a backslash continued on the next."""
+    section, pending = "", ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if pending and line[:1] in ("#", ";"):
+            continue  # a comment inside a continued line
+        line = pending + line
+        if (len(line) - len(line.rstrip("\\"))) % 2:  # an unescaped final backslash
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        if not line or line[0] in ("#", ";"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        key, sep, value = line.partition("=")
+        if sep:
+            yield section, key.strip(), value.strip()
+
+
+def _without_specifiers(value: str, where: str) -> str:
+    """``%%`` is a literal ``%``; any other specifier (``%i``, ``%n``...) is
+    systemd's to resolve, and a value built from one cannot be recomposed here."""
+    parts = value.split("%%")
+    if any("%" in part for part in parts):
+        raise MptcpizeError(f"{where} uses a systemd specifier (%...), which mptcpize "
+                            "cannot resolve; write the value out there")
+    return "%".join(parts)
+
+
+def unit_environment(files: Sequence[Path]) -> dict[str, str]:
+    """LD_PRELOAD and GODEBUG as the [Service] Environment= lines of these
+    unit files (the fragment, then its drop-ins in systemd's order) set them;
+    an empty ``Environment=`` resets what came before, as in systemd."""
+    env: dict[str, str] = {}
+    for path in files:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            continue  # gone since systemd loaded it: the reload after ours drops it too
+        except OSError as exc:
+            raise MptcpizeError(f"{path}: {exc.strerror}") from None
+        for section, key, value in unit_file_assignments(text):
+            if section != "Service" or key != "Environment":
+                continue
+            if not value:
+                env = {}
+                continue
+            try:
+                words = shlex.split(value)
+            except ValueError:
+                raise MptcpizeError(f"{path}: Environment={value}: unbalanced quotes") from None
+            for word in words:
+                name, sep, val = word.partition("=")
+                if sep and name in PRELOAD_KEYS:
+                    env[name] = _without_specifiers(val, f"{path}: {name}")
+    return env
+
+
+def environment_file_warnings(files: Sequence[str], shim: str) -> list[str]:
+    """What an EnvironmentFile= undoes: its LD_PRELOAD or GODEBUG override
+    any Environment=, our drop-in's included."""
+    warnings = []
+    for name in files:
+        try:
+            text = Path(name).read_text()
+        except OSError:
+            continue  # read at each start; it may not exist yet
+        for raw in text.splitlines():
+            key, sep, value = raw.strip().removeprefix("export ").partition("=")
+            key = key.strip()
+            if not sep or key not in PRELOAD_KEYS:
+                continue
+            if key == "LD_PRELOAD" and shim not in value:
+                warnings.append(f"{name} (EnvironmentFile=) sets LD_PRELOAD, which overrides "
+                                f"the drop-in's: add {shim} to it there, or the service "
+                                "stays on TCP")
+            elif key == "GODEBUG" and GO_MPTCP not in value:
+                warnings.append(f"{name} (EnvironmentFile=) sets GODEBUG, which overrides "
+                                f"the drop-in's: add {GO_MPTCP} to it there, or Go programs "
+                                "stay on TCP")
+    return warnings
+
+
 @dataclass(frozen=True)
 class UnitState:
     name: str
     load_state: str
     active_state: str
-    environment: dict[str, str]
+    fragment_path: str = ""
+    drop_in_paths: tuple[str, ...] = ()
+    environment_files: tuple[str, ...] = ()
+    needs_reload: bool = False
 
 
 class Systemd:
@@ -171,13 +264,19 @@ class Systemd:
 
     def state(self, unit: str) -> UnitState:
         out = self._systemctl("show", "-p", "LoadState", "-p", "ActiveState",
-                              "-p", "Environment", unit)
+                              "-p", "FragmentPath", "-p", "DropInPaths",
+                              "-p", "EnvironmentFiles", "-p", "NeedDaemonReload", unit)
         props: dict[str, str] = {}
+        environment_files = []
         for line in out.splitlines():
             key, _, value = line.partition("=")
+            if key == "EnvironmentFiles":  # one line each: "PATH (ignore_errors=yes)"
+                environment_files.append(value.rpartition(" (ignore_errors=")[0] or value)
             props[key] = value
         return UnitState(unit, props.get("LoadState", ""), props.get("ActiveState", ""),
-                         parse_environment_property(props.get("Environment", "")))
+                         props.get("FragmentPath", ""),
+                         tuple(props.get("DropInPaths", "").split()),
+                         tuple(environment_files), props.get("NeedDaemonReload") == "yes")
 
     def daemon_reload(self) -> None:
         self._systemctl("daemon-reload")
@@ -215,7 +314,12 @@ def _apply(systemd: Systemd, unit: str, state: UnitState, restart: bool) -> str:
     return "; restarted"
 
 
-def enable(name: str, systemd: Systemd, *, shim: Path, restart: bool = True) -> str:
+def _warn_on_stderr(message: str) -> None:
+    print(f"mptcpd-py mptcpize: warning: {message}", file=sys.stderr)
+
+
+def enable(name: str, systemd: Systemd, *, shim: Path, restart: bool = True,
+           warn: Callable[[str], None] = _warn_on_stderr) -> str:
     """Write the drop-in, reload systemd and restart the service if it runs."""
     unit = unit_name(name)
     if not shim.is_file():
@@ -226,8 +330,17 @@ def enable(name: str, systemd: Systemd, *, shim: Path, restart: bool = True) -> 
     path = drop_in_path(systemd.unit_dir, unit)
     if path.exists() and not written_by_us(path):
         raise MptcpizeError(f"{path} exists and was not written by mptcpize; left alone")
-    # The unit's own LD_PRELOAD / GODEBUG are kept (ours replace them otherwise).
-    environment = compose_environment(state.environment, str(shim))
+    if state.needs_reload:  # the unit changed on disk: list its drop-ins as they are now
+        systemd.daemon_reload()
+        state = systemd.state(unit)
+    # The unit's own LD_PRELOAD / GODEBUG are kept (ours replace them otherwise),
+    # read from its files without our drop-in: systemd's merged Environment
+    # holds what the last `enable` wrote, not what the unit says now.
+    files = [Path(name) for name in (state.fragment_path, *state.drop_in_paths)
+             if name and Path(name).resolve() != path.resolve()]
+    environment = compose_environment(unit_environment(files), str(shim))
+    for warning in environment_file_warnings(state.environment_files, str(shim)):
+        warn(warning)
     write_drop_in(path, drop_in_text(unit, environment))
     systemd.daemon_reload()
     return f"{unit}: MPTCP enabled ({path}){_apply(systemd, unit, state, restart)}"

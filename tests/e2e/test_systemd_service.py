@@ -19,6 +19,7 @@ import pytest
 from e2e_harness import SOURCE_INSIDE, WHEELHOUSE_INSIDE, Container, StepLog
 
 from mptcpd_py.lab import wait_for
+from mptcpd_py.mptcpize import parse_environment_property
 
 pytestmark = [pytest.mark.timeout(900)]
 
@@ -323,6 +324,38 @@ def test_mptcpize_enable_makes_a_unit_listen_on_mptcp_and_disable_undoes_it(
                  what="a plain TCP listener")
         assert not machine.path(f"/etc/systemd/system/{PROBE_UNIT}.d").exists()
         assert unit_file.read_text() == PROBE_UNIT_TEXT
+
+
+def test_mptcpize_enable_again_follows_the_units_changed_environment(
+        installed: Container, steps: StepLog) -> None:
+    machine = installed
+    unit_file = add_probe_unit(machine)
+
+    def enable_with_unit_environment(line: str) -> str:
+        # Edited in place, as an administrator would, then `enable` again.
+        unit_file.write_text(PROBE_UNIT_TEXT.replace("Environment=GODEBUG=http2client=0", line))
+        proc = machine.run(["mptcpd-py", "mptcpize", "enable", "--no-restart", "webprobe"])
+        assert "MPTCP enabled" in proc.stdout
+        return proc.stderr
+
+    def preload() -> str:
+        env = parse_environment_property(prop(machine, "Environment", PROBE_UNIT))
+        return env.get("LD_PRELOAD", "")
+
+    with steps.step("mptcpize enable, change the unit's LD_PRELOAD, enable again"):
+        enable_with_unit_environment("Environment=LD_PRELOAD=/usr/lib/a.so")
+        assert preload() == f"/usr/lib/a.so {SHIM}"
+        enable_with_unit_environment("Environment=LD_PRELOAD=/usr/lib/b.so")
+        assert preload() == f"/usr/lib/b.so {SHIM}"
+        enable_with_unit_environment("Environment=")
+        assert preload() == SHIM
+    with steps.step("an EnvironmentFile= setting LD_PRELOAD: enable warns"):
+        machine.path("/etc/webprobe.env").write_text("LD_PRELOAD=/usr/lib/c.so\n")
+        err = enable_with_unit_environment("EnvironmentFile=/etc/webprobe.env")
+        assert "/etc/webprobe.env (EnvironmentFile=) sets LD_PRELOAD" in err
+    machine.run(["mptcpd-py", "mptcpize", "disable", "--no-restart", "webprobe"])
+    machine.path("/etc/webprobe.env").unlink()
+    add_probe_unit(machine)
 
 
 def test_stop_removes_its_endpoints_and_restores_the_sysctl(

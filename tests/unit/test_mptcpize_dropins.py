@@ -18,8 +18,10 @@ from mptcpd_py.mptcpize import (
     disable,
     drop_in_text,
     enable,
+    environment_file_warnings,
     parse_environment_property,
     run_command,
+    unit_environment,
     unit_name,
 )
 
@@ -72,21 +74,38 @@ def test_systemctl_show_environment_is_parsed_with_its_quoting() -> None:
 
 
 class FakeSystemd(Systemd):
-    """systemctl replaced by a record of calls (the e2e test uses the real one)."""
+    """systemctl replaced by a record of calls (the e2e test uses the real one).
+    Like systemd, it lists the unit's drop-ins, mptcpize's own included."""
 
     def __init__(self, unit_dir: Path, *, active: str = "active",
-                 environment: dict[str, str] | None = None, load: str = "loaded") -> None:
+                 environment: str = "", load: str = "loaded",
+                 environment_files: tuple[str, ...] = ()) -> None:
         super().__init__(unit_dir)
         self.calls: list[str] = []
         self.active = active
-        self.environment = environment or {}
         self.load = load
+        self.environment_files = environment_files
+        self.needs_reload = False
+        self.fragments = unit_dir / "lib"
+        self.fragments.mkdir(exist_ok=True)
+        self.write_unit("web.service", environment)
+
+    def write_unit(self, unit: str, environment: str) -> None:
+        """The unit's file (its vendor copy, outside unit_dir), as an admin edits it."""
+        lines = ["[Service]", "ExecStart=/usr/bin/web"]
+        if environment:
+            lines.append(f"Environment={environment}")
+        (self.fragments / unit).write_text("\n".join(lines) + "\n")
+        self.needs_reload = True
 
     def state(self, unit: str) -> UnitState:
-        return UnitState(unit, self.load, self.active, self.environment)
+        drop_ins = sorted(str(p) for p in (self.unit_dir / f"{unit}.d").glob("*.conf"))
+        return UnitState(unit, self.load, self.active, str(self.fragments / unit),
+                         tuple(drop_ins), self.environment_files, self.needs_reload)
 
     def daemon_reload(self) -> None:
         self.calls.append("daemon-reload")
+        self.needs_reload = False
 
     def try_restart(self, unit: str) -> None:
         self.calls.append(f"try-restart {unit}")
@@ -101,7 +120,8 @@ def shim(tmp_path: Path) -> Path:
 
 def test_enable_writes_a_drop_in_reloads_and_restarts_a_running_service(
         tmp_path: Path, shim: Path) -> None:
-    systemd = FakeSystemd(tmp_path, environment={"GODEBUG": "x=1"})
+    systemd = FakeSystemd(tmp_path, environment="GODEBUG=x=1")
+    systemd.needs_reload = False
     message = enable("web", systemd, shim=shim)
     dropin = tmp_path / "web.service.d" / "mptcpize.conf"
     assert f'"LD_PRELOAD={shim}" "GODEBUG=x=1,multipathtcp=1"' in dropin.read_text()
@@ -112,6 +132,7 @@ def test_enable_writes_a_drop_in_reloads_and_restarts_a_running_service(
 def test_enable_leaves_a_stopped_service_stopped_and_says_when_it_takes_effect(
         tmp_path: Path, shim: Path) -> None:
     systemd = FakeSystemd(tmp_path, active="inactive")
+    systemd.needs_reload = False
     assert enable("web", systemd, shim=shim).endswith("takes effect at its next start")
     assert systemd.calls == ["daemon-reload"]
 
@@ -126,6 +147,67 @@ def test_enable_refuses_unknown_units_and_a_drop_in_it_did_not_write(
     with pytest.raises(MptcpizeError, match="not written by mptcpize"):
         enable("web", FakeSystemd(tmp_path), shim=shim)
     assert foreign.read_text() == "[Service]\nEnvironment=MINE=1\n"
+
+
+def test_enable_again_follows_the_units_changed_environment_not_its_own_drop_in(
+        tmp_path: Path, shim: Path) -> None:
+    systemd = FakeSystemd(tmp_path, environment="LD_PRELOAD=/usr/lib/a.so")
+    dropin = tmp_path / "web.service.d" / "mptcpize.conf"
+    enable("web", systemd, shim=shim)
+    assert f'"LD_PRELOAD=/usr/lib/a.so {shim}"' in dropin.read_text()
+    systemd.write_unit("web.service", "LD_PRELOAD=/usr/lib/b.so")
+    systemd.calls.clear()
+    enable("web", systemd, shim=shim)
+    assert f'"LD_PRELOAD=/usr/lib/b.so {shim}"' in dropin.read_text()
+    # The edit was not reloaded yet: reloaded first, so the drop-in list is current.
+    assert systemd.calls == ["daemon-reload", "daemon-reload", "try-restart web.service"]
+    systemd.write_unit("web.service", "")
+    enable("web", systemd, shim=shim)
+    assert f'"LD_PRELOAD={shim}" "GODEBUG=multipathtcp=1"' in dropin.read_text()
+
+
+def test_enable_reads_the_units_other_drop_ins_in_order(tmp_path: Path, shim: Path) -> None:
+    systemd = FakeSystemd(tmp_path, environment="LD_PRELOAD=/usr/lib/a.so GODEBUG=x=1")
+    drop_ins = tmp_path / "web.service.d"
+    drop_ins.mkdir()
+    (drop_ins / "10-reset.conf").write_text("[Service]\nEnvironment=\n")
+    (drop_ins / "90-mine.conf").write_text('[Service]\nEnvironment="LD_PRELOAD=/opt/c.so"\n')
+    enable("web", systemd, shim=shim)
+    assert (f'Environment="LD_PRELOAD=/opt/c.so {shim}" "GODEBUG=multipathtcp=1"'
+            in (drop_ins / "mptcpize.conf").read_text())
+
+
+def test_unit_environment_is_read_as_systemd_reads_unit_files(tmp_path: Path) -> None:
+    unit = tmp_path / "web.service"
+    unit.write_text("[Unit]\nEnvironment=LD_PRELOAD=/not/service.so\n"
+                    "[Service]\n# Environment=LD_PRELOAD=/commented.so\n"
+                    "Environment=A=1 \\\n"
+                    "; a comment inside the continued line\n"
+                    '  "LD_PRELOAD=/a b/x.so" GODEBUG=p=100%%\n')
+    assert unit_environment([unit, tmp_path / "gone.conf"]) == {
+        "LD_PRELOAD": "/a b/x.so", "GODEBUG": "p=100%"}
+    unit.write_text("[Service]\nEnvironment=LD_PRELOAD=/lib/%i.so\n")
+    with pytest.raises(MptcpizeError, match="LD_PRELOAD uses a systemd specifier"):
+        unit_environment([unit])
+
+
+def test_an_environment_file_overriding_the_drop_in_is_warned_about(
+        tmp_path: Path, shim: Path) -> None:
+    overriding = tmp_path / "web.env"
+    overriding.write_text("# defaults\nLD_PRELOAD=/usr/lib/c.so\nexport GODEBUG=x=1\n")
+    harmless = tmp_path / "ok.env"
+    harmless.write_text(f"LD_PRELOAD={shim}\nGODEBUG=multipathtcp=1\nOTHER=1\n")
+    files = (str(overriding), str(harmless), str(tmp_path / "absent.env"))
+    warnings = environment_file_warnings(files, str(shim))
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"{overriding} (EnvironmentFile=) sets LD_PRELOAD")
+    assert f"add {shim} to it there" in warnings[0]
+    assert "sets GODEBUG" in warnings[1] and "add multipathtcp=1" in warnings[1]
+    # enable still writes its drop-in, and says what will undo it.
+    said: list[str] = []
+    systemd = FakeSystemd(tmp_path, environment_files=(str(overriding),))
+    assert "MPTCP enabled" in enable("web", systemd, shim=shim, warn=said.append)
+    assert said == warnings
 
 
 def test_disable_removes_only_its_own_drop_in_and_keeps_the_others(
