@@ -264,18 +264,24 @@ def test_a_start_after_a_stop_with_on_exit_keep_adopts_what_it_kept(
     machine.sh("ip addr add 192.0.2.12/24 dev eth1")
     kept = wait_for(lambda: (e := endpoints(machine)) and "192.0.2.12" in e and e, 10, 0.05,
                     what="an endpoint for 192.0.2.12")
-    with steps.step('on_exit = "keep": stop, start, the kept endpoints are still its own'):
-        machine.run(["systemctl", "stop", SERVICE])
-        assert endpoints(machine) == kept
-        machine.run(["systemctl", "start", SERVICE])
-        journal_entry(machine, "ready", after_pid=int(prop(machine, "MainPID")))
-        assert endpoints(machine) == kept  # adopted: same ids, no duplicates
-        # Only an owner removes an endpoint whose address went away.
-        machine.sh("ip addr del 192.0.2.12/24 dev eth1")
-        wait_for(lambda: "192.0.2.12" not in endpoints(machine), 10, 0.05,
-                 what="the kept endpoint of a deleted address removed")
-    machine.path(CONFIG).write_text(SIGNAL_CONFIG)
-    machine.run(["systemctl", "restart", SERVICE])
+    try:
+        with steps.step('on_exit = "keep": stop, start, the kept endpoints are still its own'):
+            machine.run(["systemctl", "stop", SERVICE])
+            assert endpoints(machine) == kept
+            machine.run(["systemctl", "start", SERVICE])
+            journal_entry(machine, "ready", after_pid=int(prop(machine, "MainPID")))
+            assert endpoints(machine) == kept  # adopted: same ids, no duplicates
+            # Only an owner removes an endpoint whose address went away.
+            machine.sh("ip addr del 192.0.2.12/24 dev eth1")
+            wait_for(lambda: "192.0.2.12" not in endpoints(machine), 10, 0.05,
+                     what="the kept endpoint of a deleted address removed")
+    finally:  # the later tests expect on_exit = "remove" and no stray endpoint
+        machine.sh("ip addr del 192.0.2.12/24 dev eth1 2>/dev/null || true")
+        machine.path(CONFIG).write_text(SIGNAL_CONFIG)
+        machine.run(["systemctl", "restart", SERVICE])
+        stray = endpoints(machine).get("192.0.2.12")
+        if stray is not None:
+            machine.run(["ip", "mptcp", "endpoint", "delete", "id", str(stray["id"])])
 
 
 def add_probe_unit(machine: Container) -> Path:
