@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install mptcpd-py as a system service (Debian 12, as root). Idempotent:
-# run it again to upgrade (a running service is restarted).
+# run it again to upgrade (a running service is restarted, unless the new
+# version rejects your mptcpd.toml: then it is left running and this exits 1).
 #
 #   /opt/mptcpd-py/                      a dedicated venv: mptcpd-py and its pinned
 #                                        dependencies (requirements.lock), the
@@ -61,9 +62,11 @@ install -d -m 0755 "$UNIT_DIR"
 install -m 0644 systemd/mptcpd-py.service "$UNIT_DIR/mptcpd-py.service"
 
 install -d -m 0755 "$CONF_DIR" "$CONF_DIR/plugins.d"
+config_rejected=0
 if [ -e "$CONF_DIR/mptcpd.toml" ]; then
     say "kept your $CONF_DIR/mptcpd.toml (the shipped defaults are in $doc/mptcpd.toml.example)"
     if ! "$PREFIX/bin/mptcpd-py" check-config "$CONF_DIR/mptcpd.toml" >/dev/null 2>&1; then
+        config_rejected=1
         say "warning: this version rejects $CONF_DIR/mptcpd.toml:"
         "$PREFIX/bin/mptcpd-py" check-config "$CONF_DIR/mptcpd.toml" 2>&1 | sed 's/^/    /' || true
     fi
@@ -75,8 +78,22 @@ fi
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
     if systemctl -q is-active mptcpd-py; then
+        if [ "$config_rejected" = 1 ]; then
+            # A restart would stop the old daemon (taking its endpoints
+            # away) and the new one would refuse the file (exit 78, not
+            # restarted): nothing would manage the paths. The old one keeps
+            # running on the code it loaded at start.
+            say "NOT restarting mptcpd-py: the new version would refuse $CONF_DIR/mptcpd.toml" >&2
+            say "the running daemon is still the old version, and keeps running" >&2
+            say "fix the file (mptcpd-py check-config), then: systemctl restart mptcpd-py (not reload)" >&2
+            exit 1
+        fi
         say "restarting the running mptcpd-py"
         systemctl restart mptcpd-py
     fi
 fi
-say "done: $("$PREFIX/bin/mptcpd-py" --version); start it with: systemctl enable --now mptcpd-py"
+if [ "$config_rejected" = 1 ]; then
+    say "done: $("$PREFIX/bin/mptcpd-py" --version); fix $CONF_DIR/mptcpd.toml before starting it (it would exit 78)"
+else
+    say "done: $("$PREFIX/bin/mptcpd-py" --version); start it with: systemctl enable --now mptcpd-py"
+fi

@@ -3,8 +3,9 @@ Debian 12 container where systemd is PID 1, then `systemctl enable --now`.
 
 The tests run in order as one scenario on one booted container (install,
 start, journal, a new address, reload, a refused reload, the watchdog,
-mptcpize on a unit, stop, upgrade, uninstall); each first brings the
-service to the state it needs, so one can also run alone with -k.
+mptcpize on a unit, stop, an upgrade that may not restart, upgrade,
+uninstall); each first brings the service to the state it needs, so one
+can also run alone with -k.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ Environment=GODEBUG=http2client=0
 """
 
 
-def install(machine: Container) -> str:
-    proc = machine.run([f"{SOURCE_INSIDE}/scripts/install.sh"], env=OFFLINE_PIP, timeout=300)
-    return proc.stdout + proc.stderr
+def install(machine: Container, *, expect_status: int = 0) -> str:
+    proc = machine.run([f"{SOURCE_INSIDE}/scripts/install.sh"], env=OFFLINE_PIP, timeout=300,
+                       check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == expect_status, out
+    return out
 
 
 def endpoints(machine: Container) -> dict[str, dict[str, Any]]:
@@ -381,6 +385,31 @@ def test_stop_removes_its_endpoints_and_restores_the_sysctl(
     errors = [e["MESSAGE"] for e in machine.journal(SERVICE)
               if e.get("SYSLOG_IDENTIFIER") == "mptcpd-py" and int(e.get("PRIORITY", 6)) <= 3]
     assert errors == []
+
+
+def test_reinstall_with_a_config_the_new_version_rejects_leaves_the_old_daemon_running(
+        installed: Container, steps: StepLog) -> None:
+    machine = installed
+    machine.path(CONFIG).write_text(SIGNAL_CONFIG)
+    pid = ensure_running(machine)
+    wait_for(lambda: "192.0.2.10" in endpoints(machine), 10, 0.1, what="the daemon's endpoint")
+    running_endpoints = endpoints(machine)
+    rejected = SIGNAL_CONFIG + "[daemon]\nno_such_key = 1\n"
+    machine.path(CONFIG).write_text(rejected)
+    with steps.step("install again with a rejected config: no restart, exit 1"):
+        out = install(machine, expect_status=1)
+        steps.note(out.strip())
+        assert "no_such_key" in out
+        assert "NOT restarting mptcpd-py" in out
+        assert "systemctl restart mptcpd-py" in out
+        assert "restarting the running" not in out
+        assert machine.path(CONFIG).read_text() == rejected
+        assert prop(machine, "ActiveState") == "active"
+        assert int(prop(machine, "MainPID")) == pid
+        assert endpoints(machine) == running_endpoints
+    with steps.step("the old daemon still answers ctl"):
+        machine.run(["mptcpd-py", "ctl", "status"])
+    machine.path(CONFIG).write_text(SIGNAL_CONFIG)
 
 
 def test_reinstall_upgrades_in_place_restarts_and_keeps_the_users_config(
