@@ -583,15 +583,17 @@ class ControlServer:
         os.unlink(self.path)
 
     def set_group(self, group: str) -> None:
-        """A reload changed ``control_group``: re-own the socket file."""
+        """A reload changed ``control_group``: re-own the socket file. Raises
+        ControlError when it cannot (the socket keeps its group), so that the
+        reload reports it as a start would."""
         if group == self.group:
             return
+        group_id = self._group_id(group)
         try:
-            group_id = self._group_id(group)
             _give_to_group(self.path, group_id if group_id is not None else os.getegid(), group)
-        except (ControlError, OSError) as exc:
-            self.log.error("control group not changed", group=group, error=str(exc))
-            return
+        except OSError as exc:
+            raise ControlError(f"control socket {self.path}: cannot give it to group "
+                               f"{group or 'root'!r}: {exc.strerror or exc}") from None
         self.group, self.group_id = group, group_id
         self.log.info("control group changed", path=self.path, group=group or "root only")
 

@@ -472,7 +472,12 @@ class Daemon:
             outcome = ReloadOutcome(False, error=str(exc))
         if self.control is not None:
             self.control.log = self.log
-            self.control.set_group(core.config.daemon.control_group)
+            try:
+                self.control.set_group(core.config.daemon.control_group)
+            except ControlError as exc:
+                self.log.error("reload partly failed", error=str(exc))
+                error = f"{outcome.error}; {exc}" if outcome.error else str(exc)
+                outcome = ReloadOutcome(False, error=error)
         await self._start_metrics(core.config.metrics.listen)
         notify("READY=1", f"STATUS={core.status_line()}")
         self.log.info("reloaded", plugins=",".join(config.daemon.plugins))

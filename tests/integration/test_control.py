@@ -125,7 +125,7 @@ class Box:
     helpers to run ``ctl`` next to it."""
 
     def __init__(self, lab: Lab, daemons: Any, state_dir: str, extra: str = CONFIG_EXTRA,
-                 **daemon: Any) -> None:
+                 prefix: tuple[str, ...] = (), **daemon: Any) -> None:
         self.paths = TwoPaths(lab)
         self.client = self.paths.client
         self.server = self.paths.server
@@ -135,7 +135,7 @@ class Box:
         self.socket = os.path.join(state_dir, "control")
         daemon.setdefault("reconcile_interval", 3600)
         self.config = daemon_config(state_dir, extra=extra, **daemon)
-        self.daemon: DaemonProcess = daemons(self.client, self.config)
+        self.daemon: DaemonProcess = daemons(self.client, self.config, prefix=prefix)
         self.pairs: list[MptcpPair] = []
 
     def start(self) -> Box:
@@ -566,6 +566,27 @@ def test_only_root_and_control_group_members_may_change_anything(
     box.daemon.wait_log("control request refused", command="reload", uid=65534)
     assert len([e for e in box.daemon.logs() if e.get("event") == "reloading"]) == reloads
     assert box.daemon.proc.poll() is None
+
+
+def test_a_reload_that_cannot_change_the_control_group_says_so_and_keeps_the_old_one(
+        lab: Lab, daemons: Any, tmp_path: Path) -> None:
+    """As at start, where the same file is exit 78: without CAP_CHOWN (the
+    shipped unit) a new control_group cannot be applied, and ``ctl reload``
+    fails instead of printing "reloaded"."""
+    box = Box(lab, daemons, str(tmp_path / "state"),
+              prefix=("setpriv", "--inh-caps=-chown", "--bounding-set=-chown")).start()
+    box.daemon.write_config(daemon_config(box.state_dir, extra=CONFIG_EXTRA,
+                                          reconcile_interval=3600, control_group="users"))
+    for args in (("reload",), ("--json", "reload")):
+        done = box.ctl(*args)
+        assert (done.returncode, done.stdout) == (1, ""), done
+        assert done.stderr == (
+            f"mptcpd-py ctl: reload partly failed: control socket {box.socket}: cannot give "
+            "it to group 'users': changing a file's group needs CAP_CHOWN (under systemd, "
+            "add it with the drop-in in docs/service.md, 'control_group')\n")
+    assert os.stat(box.socket).st_gid == 0
+    assert box.json("status")["control_group"] == ""
+    assert box.daemon.proc is not None and box.daemon.proc.poll() is None
 
 
 def test_a_control_socket_that_cannot_be_made_stops_the_start_before_the_kernel(
