@@ -111,6 +111,7 @@ KERNEL_ERROR = "kernel_error"
 FAILED = "failed"
 TIMEOUT = "timeout"
 INTERNAL = "internal"
+STOPPING = "stopping"  # the daemon stopped before it could answer
 
 
 # ---------------------------------------------------------------- protocol
@@ -489,7 +490,8 @@ class ControlServer:
         self.sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inode: tuple[int, int] | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        # Requests being handled, with what is needed to answer them at close.
+        self._running: dict[asyncio.Task[None], tuple[Command, Request, Peer]] = {}
         self._waiting: dict[str | bytes, deque[tuple[Command, Request, Peer]]] = {}
         self._turns: deque[str | bytes] = deque()  # clients with requests waiting, in turn
         self._pending = 0
@@ -598,11 +600,22 @@ class ControlServer:
         self.log.info("control group changed", path=self.path, group=group or "root only")
 
     async def close(self, reason: str = "the daemon is stopping") -> None:
-        """Tell monitor clients why the stream ends, stop serving, remove the file."""
+        """Tell monitor clients why the stream ends and clients with a request
+        not yet answered why it never will be (a datagram client is not told
+        when the socket closes: it would wait for its full timeout), stop
+        serving, remove the file."""
         for sub in list(self.subscriptions.values()):
             self._send_now(sub.peer.address, encode_event(
                 sub.request_id, {"time": time.time(), "kind": "stopping", "reason": reason}))
             self._drop_subscription(sub, "daemon stopping")
+        unanswered = [*self._running.values(),
+                      *(item for waiting in self._waiting.values() for item in waiting)]
+        self._waiting.clear()  # nothing more is started
+        self._turns.clear()
+        self._pending = 0
+        for command, request, peer in unanswered:
+            self._refuse(peer, request.id, ProtocolError(
+                STOPPING, f"{reason} ({command.name} not finished)"))
         tasks = [*self._running, *self._deliveries]
         if self._housekeeping is not None:
             tasks.append(self._housekeeping)
@@ -730,11 +743,11 @@ class ControlServer:
                 del self._waiting[address]
             task = self._loop.create_task(self._run(command, request, peer),
                                           name=f"control-{command.name}")
-            self._running.add(task)
+            self._running[task] = (command, request, peer)
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
+        self._running.pop(task, None)
         self._dispatch()
         if self._pending < MAX_PENDING:
             self._resume()

@@ -33,6 +33,7 @@ from mptcpd_py.control import (
     KEEPALIVE,
     PERMISSION_DENIED,
     SOCKET_NAME,
+    STOPPING,
     ProtocolError,
     Reassembler,
     encode_request,
@@ -152,7 +153,8 @@ def _failure(error: Any) -> CtlFailure:
         return CtlFailure("the daemon answered with an unreadable error")
     code = str(error.get("code", ""))
     message = str(error.get("message", "error"))
-    exit_code = {PERMISSION_DENIED: EX_NOPERM, CONFIG_ERROR: EX_CONFIG}.get(code, EX_FAIL)
+    exit_code = {PERMISSION_DENIED: EX_NOPERM, CONFIG_ERROR: EX_CONFIG,
+                 STOPPING: EX_UNAVAILABLE}.get(code, EX_FAIL)
     return CtlFailure(message, exit_code, error.get("details"))
 
 

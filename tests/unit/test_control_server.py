@@ -330,6 +330,40 @@ async def test_closing_tells_monitor_clients_why_the_stream_ends(sockdir: str) -
     sock.close()
 
 
+async def test_closing_answers_requests_still_running_or_waiting_so_clients_do_not_wait(
+        sockdir: str) -> None:
+    """A datagram client is not told when the server's socket closes: without
+    an answer, ``ctl reload`` would wait its full 120 s."""
+    started: list[int] = []
+    forever = asyncio.Event()
+
+    async def block(request: Request, _peer: Peer) -> Any:
+        started.append(request.id or 0)
+        await forever.wait()
+
+    srv = ControlServer(os.path.join(sockdir, "control"),
+                        commands={"block": Command("block", block)}, monitor=Monitor(),
+                        log=get_logger())
+    await srv.start()
+    # One more than are handled at once: the last one waits its turn.
+    calls = [asyncio.create_task(call(srv.path, "block", 60))
+             for _ in range(control.MAX_RUNNING + 1)]
+
+    async def all_in() -> None:
+        while len(started) < control.MAX_RUNNING or \
+                srv.counters.requests["block"] < len(calls):
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(all_in(), 5)
+    await srv.close()
+    done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+    assert len(started) == control.MAX_RUNNING  # the waiting one was never started
+    for failure in done:
+        assert isinstance(failure, CtlFailure)
+        assert (str(failure), failure.code) == \
+            ("the daemon is stopping (block not finished)", 69)
+
+
 CLIENT = """
 import json, socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
