@@ -64,26 +64,42 @@ def build_parser() -> Parser:
 
 
 def cmd_check_config(path: str | None, schema: bool) -> int:
-    from mptcpd_py.config import SECTIONS  # noqa: PLC0415
-    from mptcpd_py.daemon import load_everything  # noqa: PLC0415
-    from mptcpd_py.schema import render_markdown  # noqa: PLC0415
+    from mptcpd_py.ctl import silence_stdout  # noqa: PLC0415
 
     try:
-        config, available, problems = load_everything(path)
+        return print_schema(path) if schema else check_config(path)
+    except BrokenPipeError:  # `check-config --schema | head`
+        silence_stdout()
+        return 0
+
+
+def print_schema(path: str | None) -> int:
+    """Every key, the plugins' included: those the file's plugin_dirs hold.
+    The file is not validated: its schema is what helps fix a broken one."""
+    from mptcpd_py.config import LIMITS, SECTIONS  # noqa: PLC0415
+    from mptcpd_py.daemon import plugin_dirs_of  # noqa: PLC0415
+    from mptcpd_py.loader import discover_plugins  # noqa: PLC0415
+    from mptcpd_py.schema import render_markdown  # noqa: PLC0415
+
+    for name, section in SECTIONS.items():
+        print(render_markdown(section, name))
+        if name == "kernel":
+            print(render_markdown(LIMITS, "kernel.limits"))
+    for name, found in sorted(discover_plugins(plugin_dirs_of(path)).available.items()):
+        print(render_markdown(found.schema, f"plugins.{name}"))
+    sys.stdout.flush()  # a closed pipe shows here, not at exit
+    return 0
+
+
+def check_config(path: str | None) -> int:
+    from mptcpd_py.daemon import load_everything  # noqa: PLC0415
+
+    try:
+        config, _available, problems = load_everything(path)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EX_CONFIG
-    if schema:
-        from mptcpd_py.config import LIMITS  # noqa: PLC0415
-
-        for name, section in SECTIONS.items():
-            print(render_markdown(section, name))
-            if name == "kernel":
-                print(render_markdown(LIMITS, "kernel.limits"))
-        for name, found in sorted(available.items()):
-            print(render_markdown(found.schema, f"plugins.{name}"))
-        return 0
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     enabled = ", ".join(config.daemon.plugins) or "none"

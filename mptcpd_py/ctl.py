@@ -106,12 +106,12 @@ def run_ctl(args: argparse.Namespace) -> int:
         else:
             print(RENDERERS[args.what](result), end="")
     except BrokenPipeError:  # `ctl ... | head`
-        _silence_stdout()
+        silence_stdout()
     return EX_OK
 
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """The reader of our output went away: point stdout at /dev/null so
     the flush at exit does not complain."""
     with contextlib.suppress(OSError, ValueError):
@@ -290,7 +290,7 @@ async def _stream(client: Any, request_id: int, *, keepalive: float, stop: async
             try:
                 write(json.dumps(event) if as_json else format_event(event))
             except BrokenPipeError:  # `ctl monitor | head`
-                _silence_stdout()
+                silence_stdout()
                 return EX_OK
             if event.get("kind") == "stopping":
                 return EX_OK

@@ -73,8 +73,10 @@ class ReloadOutcome:
     error: str = ""  # applied, but the kernel refused part of it
 
 
-def load_everything(path: str | None) -> tuple[Config, dict[str, Available], list[str]]:
-    """Plugins (their dirs come from the raw file), then the validated config."""
+def plugin_dirs_of(path: str | None) -> list[str]:
+    """The file's plugin_dirs, read from the raw file (the config cannot be
+    validated before the plugins' schemas are known). Never raises: a
+    broken file gives the usable directories it lists."""
     raw = read_raw_daemon_section(path)
     # Read as the schema will read it (a string is a one-item list), so
     # that the plugins found are those of the config validated below.
@@ -85,6 +87,12 @@ def load_everything(path: str | None) -> tuple[Config, dict[str, Available], lis
         # relative directory (the current one, say), only from usable ones.
         listed = raw["plugin_dirs"] if isinstance(raw["plugin_dirs"], list) else []
         dirs = [d for d in listed if usable_path(d)]
+    return list(dirs)
+
+
+def load_everything(path: str | None) -> tuple[Config, dict[str, Available], list[str]]:
+    """Plugins (their dirs come from the raw file), then the validated config."""
+    dirs = plugin_dirs_of(path)
     found = discover_plugins(dirs)
     config = load_config(path, schemas(found.available), found.unloaded)
     if tuple(config.daemon.plugin_dirs) != tuple(dirs):  # pragma: no cover - defensive

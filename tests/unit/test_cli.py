@@ -53,6 +53,32 @@ def test_schema_lists_daemon_and_plugin_keys(capsys: pytest.CaptureFixture[str])
         assert f"`{section}`" in out
 
 
+def test_schema_is_printed_for_a_config_it_would_refuse(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The schema is what helps fix a broken file."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon]\nlog_level = 3\n\n[plugins.addr_adv]\nflags = ['sideways']\n")
+    assert main(["check-config", str(bad), "--schema"]) == 0
+    captured = capsys.readouterr()
+    for section in ("[daemon]", "[kernel.limits]", "[plugins.addr_adv]",
+                    "[plugins.backup_cellular]"):
+        assert f"`{section}`" in captured.out
+    assert captured.err == ""
+
+
+def test_schema_into_a_closed_pipe_ends_quietly_with_0() -> None:
+    """`check-config --schema | head`: the reader going away is no error."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mptcpd_py", "check-config",
+                               str(ROOT / "conf" / "mptcpd.toml"), "--schema"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=30)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
 def test_usage_errors_exit_64() -> None:
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
