@@ -76,7 +76,7 @@ def add_ctl_parser(sub: Any) -> None:
     ctl.add_argument("--json", action="store_true", help="machine-readable output")
     ctl.add_argument("--timeout", type=float, metavar="SECONDS",
                      help=f"how long to wait for a reply (default {DEFAULT_TIMEOUT:g}, "
-                          f"reload {RELOAD_TIMEOUT:g})")
+                          f"reload {RELOAD_TIMEOUT:g}; monitor: to its subscription)")
     ctl.add_argument("what", choices=COMMANDS, metavar="|".join(COMMANDS))
 
 
@@ -89,7 +89,7 @@ def run_ctl(args: argparse.Namespace) -> int:
         return 64
     try:
         if args.what == "monitor":
-            return asyncio.run(monitor(path, as_json=args.json))
+            return asyncio.run(monitor(path, as_json=args.json, patience=timeout))
         result = asyncio.run(call(path, args.what, timeout))
     except CtlFailure as exc:
         print(f"mptcpd-py ctl: {exc}", file=sys.stderr)
@@ -215,10 +215,11 @@ async def _ask(client: Any, command: str, request_id: int, patience: float,
 
 
 async def monitor(path: str, *, as_json: bool = False,
-                  out: Callable[[str], None] | None = None) -> int:
-    """Subscribe, print events as they come, renew every KEEPALIVE seconds;
-    SIGINT / SIGTERM unsubscribe and end with 0. Ends with 1 (69 at start)
-    when the daemon goes away."""
+                  out: Callable[[str], None] | None = None,
+                  patience: float = DEFAULT_TIMEOUT) -> int:
+    """Subscribe (waiting ``patience`` s for the reply), print events as they
+    come, renew every KEEPALIVE seconds; SIGINT / SIGTERM unsubscribe and end
+    with 0. Ends with 1 (69 at start) when the daemon goes away."""
     write = out or _print_line
     client = await connect(path)
     stop = asyncio.Event()
@@ -228,7 +229,7 @@ async def monitor(path: str, *, as_json: bool = False,
             loop.add_signal_handler(sig, stop.set)
     request_id = random.randrange(1, 2**31)
     try:
-        result = await _ask(client, "monitor", request_id, DEFAULT_TIMEOUT)
+        result = await _ask(client, "monitor", request_id, patience)
         keepalive = float((result or {}).get("keepalive", KEEPALIVE))
         if not as_json:
             write(f"monitoring mptcpd-py at {path} (Ctrl-C to stop)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,19 @@ def test_ctl_without_a_daemon_exits_69_with_one_line(tmp_path: Path,
     assert main(["ctl", "--socket", str(socket_path), "status"]) == 69
     assert capsys.readouterr().err == (
         f"mptcpd-py ctl: the daemon is not running (no control socket at {socket_path})\n")
+
+
+def test_ctl_monitor_waits_for_its_subscription_as_long_as_timeout_says(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    socket_path = str(tmp_path / "control")
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # a daemon that never answers
+    silent.bind(socket_path)
+    try:
+        assert main(["ctl", "--socket", socket_path, "--timeout", "0.2", "monitor"]) == 1
+    finally:
+        silent.close()
+    assert capsys.readouterr().err == \
+        "mptcpd-py ctl: no reply from the daemon to monitor within 0.2s\n"
 
 
 def test_ctl_usage_errors_exit_64(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
