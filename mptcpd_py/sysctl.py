@@ -27,14 +27,12 @@ def write_mptcp_sysctl(name: str, value: str) -> None:
 
 
 def active_path_manager() -> str:
-    """"kernel" or "userspace": ``path_manager`` (6.15+) or the older ``pm_type``."""
+    """"kernel" or "userspace": ``path_manager`` (6.15+) or the older ``pm_type``
+    (5.19+); a kernel with neither has the in-kernel path manager alone."""
     value = read_mptcp_sysctl("path_manager")
     if value:
         return value
-    pm_type = read_mptcp_sysctl("pm_type")
-    if pm_type is None:
-        return ""
-    return "userspace" if pm_type == "1" else "kernel"
+    return "userspace" if read_mptcp_sysctl("pm_type") == "1" else "kernel"
 
 
 def set_path_manager(name: str) -> None:

@@ -95,6 +95,19 @@ async def test_a_kernel_without_pm_type_offers_the_kernel_pm_alone(
                                "kernel (available: kernel)")
 
 
+async def test_a_kernel_without_pm_type_starts_with_the_kernel_pm_it_has(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 5.6-5.18: the in-kernel path manager and no sysctl to name it.
+    mptcp = fake_sysctls(monkeypatch, tmp_path / "mptcp", enabled="1")
+    caps = await old_kernel_caps(monkeypatch)
+    assert caps.path_manager == "kernel"
+    store = StateStore(str(tmp_path / "state"))
+    cfg = KernelConfig("kernel", True, LimitsConfig())
+    await apply_kernel_settings(cfg, caps, FakePM(), store, Log())  # type: ignore[arg-type]
+    assert sorted(p.name for p in mptcp.iterdir()) == ["enabled"]  # nothing written
+    assert store.state.saved_sysctls == {}
+
+
 def on_disk(state_dir: Path) -> Any:
     """What a start after a crash would read."""
     return json.loads((state_dir / "state.json").read_text())
