@@ -148,14 +148,16 @@ def unit_file_assignments(text: str) -> Iterator[tuple[str, str, str]]:
     section, pending = "", ""
     for raw in text.splitlines():
         line = raw.strip()
-        if pending and line[:1] in ("#", ";"):
-            continue  # a comment inside a continued line
+        if line[:1] in ("#", ";"):
+            # A comment, also inside a continued line; one ending in a
+            # backslash continues nothing (systemd skips it first).
+            continue
         line = pending + line
         if (len(line) - len(line.rstrip("\\"))) % 2:  # an unescaped final backslash
             pending = line[:-1] + " "
             continue
         pending = ""
-        if not line or line[0] in ("#", ";"):
+        if not line:
             continue
         if line.startswith("[") and line.endswith("]"):
             section = line[1:-1]

@@ -186,6 +186,9 @@ def test_unit_environment_is_read_as_systemd_reads_unit_files(tmp_path: Path) ->
                     '  "LD_PRELOAD=/a b/x.so" GODEBUG=p=100%%\n')
     assert unit_environment([unit, tmp_path / "gone.conf"]) == {
         "LD_PRELOAD": "/a b/x.so", "GODEBUG": "p=100%"}
+    # A comment ending in a backslash continues nothing.
+    unit.write_text("[Service]\n# see C:\\\nEnvironment=LD_PRELOAD=/usr/lib/libfoo.so\n")
+    assert unit_environment([unit]) == {"LD_PRELOAD": "/usr/lib/libfoo.so"}
     unit.write_text("[Service]\nEnvironment=LD_PRELOAD=/lib/%i.so\n")
     with pytest.raises(MptcpizeError, match="LD_PRELOAD uses a systemd specifier"):
         unit_environment([unit])
