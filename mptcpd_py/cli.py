@@ -93,13 +93,18 @@ def print_schema(path: str | None) -> int:
 
 def check_config(path: str | None) -> int:
     from mptcpd_py.daemon import load_everything  # noqa: PLC0415
+    from mptcpd_py.plugin import idle_plugins_warnings  # noqa: PLC0415
 
     try:
-        config, _available, problems = load_everything(path)
+        config, available, problems = load_everything(path)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EX_CONFIG
+    enabled_classes = [available[name].cls for name in config.daemon.plugins
+                       if name in available]
+    problems += idle_plugins_warnings(config.kernel.path_manager, enabled_classes,
+                                      [found.cls for found in available.values()])
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     enabled = ", ".join(config.daemon.plugins) or "none"

@@ -49,7 +49,7 @@ from mptcpd_py.netlink.types import (
     RtnlEvent,
     parse_address,
 )
-from mptcpd_py.plugin import EndpointIntent, PluginState
+from mptcpd_py.plugin import EndpointIntent, PluginState, idle_plugins_warnings
 from mptcpd_py.plugins_host import FAILED, PluginHost
 from mptcpd_py.routing import SourceRouting, desired_routes, gateway_of
 from mptcpd_py.state import OwnedEndpoint, StateStore
@@ -264,6 +264,12 @@ class Core:
         for state in self.host.states:
             self.log.info("plugin enabled", plugin=state.name, origin=state.origin,
                           hooks=",".join(state.hooks) or "-")
+        # At start and on reload: a valid config whose plugins never act
+        # under this path manager must not look like one that works.
+        for line in idle_plugins_warnings(
+                cfg.kernel.path_manager, [type(state.plugin) for state in self.host.states],
+                [found.cls for found in available.values()]):
+            self.log.warning("plugins do nothing under this path manager", problem=line)
 
     async def _load_network(self, initial: bool = False) -> None:
         assert self.rtnl is not None

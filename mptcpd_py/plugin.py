@@ -25,7 +25,7 @@ Two families of hooks:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -46,6 +46,7 @@ __all__ = [
     "Plugin",
     "RemoteAddress",
     "Subflow",
+    "idle_plugins_warnings",
     "verify_plugin_class",
 ]
 
@@ -228,6 +229,7 @@ def _port(value: Any, what: str) -> int:
 class HookSpec:
     params: tuple[str, ...]
     doc: str
+    path_manager: str = "userspace"  # the path manager under which the core calls it
 
 
 HOOKS: Mapping[str, HookSpec] = {
@@ -235,6 +237,7 @@ HOOKS: Mapping[str, HookSpec] = {
         ("net", "proposed"),
         "In-kernel PM. Return every endpoint wanted, given the network and the "
         "endpoints earlier plugins proposed (return `proposed` to keep them).",
+        path_manager="kernel",
     ),
     "connection_created": HookSpec(("ctx",), "A connection started (userspace PM)."),
     "connection_established": HookSpec(("ctx",), "A connection can take new subflows."),
@@ -279,6 +282,38 @@ class Plugin:
     def summary(cls) -> str:
         doc = inspect.getdoc(cls) or ""
         return doc.split("\n\n", 1)[0].replace("\n", " ")
+
+
+def idle_plugins_warnings(path_manager: str, enabled: Sequence[type[Plugin]],
+                          available: Iterable[type[Plugin]]) -> list[str]:
+    """One line per problem when enabled plugins implement no hook that the
+    core calls under ``path_manager`` (so they do nothing there), naming the
+    available plugins that would act. The configuration is valid, only
+    ineffective: these are warnings, not errors. An empty ``plugins`` list
+    is a choice, not a mistake: nothing is said."""
+    called = {hook for hook, spec in HOOKS.items() if spec.path_manager == path_manager}
+    idle = [cls for cls in enabled if not called.intersection(cls.implemented_hooks())]
+    if not idle:
+        return []
+    enabled_names = {cls.name for cls in enabled}
+    fitting = sorted({cls.name for cls in available
+                      if called.intersection(cls.implemented_hooks())} - enabled_names)
+    acting = "proposes endpoints" if path_manager == "kernel" else "acts on connections"
+    other = "userspace" if path_manager == "kernel" else "in-kernel"
+    head = f"kernel.path_manager = {path_manager}"
+
+    def why(cls: type[Plugin], subject: str) -> str:
+        hooks = cls.implemented_hooks()
+        if not hooks:
+            return f"{subject} implements no hook"
+        return f"{subject} only implements {', '.join(hooks)}, for the {other} path manager"
+
+    if len(idle) == len(enabled):
+        hint = f"; plugins that do: {', '.join(fitting)}" if fitting else ""
+        return [f"{head}: no enabled plugin {acting} "
+                f"({'; '.join(why(cls, cls.name) for cls in idle)}){hint}"]
+    hint = f"; other plugins that act under it: {', '.join(fitting)}" if fitting else ""
+    return [f"{head}: plugin {cls.name} does nothing ({why(cls, 'it')}){hint}" for cls in idle]
 
 
 def verify_plugin_class(cls: type, origin: str) -> type[Plugin]:

@@ -17,7 +17,35 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_check_config_accepts_the_shipped_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", str(ROOT / "conf" / "mptcpd.toml")]) == 0
-    assert "OK (plugins: addr_adv, backup_cellular)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "OK (plugins: addr_adv, backup_cellular)" in captured.out
+    assert captured.err == ""
+
+
+@pytest.mark.parametrize(("settings", "warning"), [
+    ('[kernel]\npath_manager = "userspace"\n',  # the default plugins
+     "kernel.path_manager = userspace: plugin addr_adv does nothing (it only implements "
+     "endpoints, for the in-kernel path manager); other plugins that act under it: "
+     "fullmesh, server_announce, sspi"),
+    ('plugins = ["fullmesh", "sspi"]\n',
+     "kernel.path_manager = kernel: plugin sspi does nothing (it only implements "
+     "connection_established, subflow_closed, network_changed, for the userspace path "
+     "manager); other plugins that act under it: addr_adv, backup_cellular"),
+    ('plugins = ["sspi"]\n',
+     "kernel.path_manager = kernel: no enabled plugin proposes endpoints (sspi only implements "
+     "connection_established, subflow_closed, network_changed, for the userspace path "
+     "manager); plugins that do: addr_adv, backup_cellular, fullmesh"),
+])
+def test_check_config_warns_of_plugins_that_do_nothing_under_the_path_manager(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], settings: str, warning: str
+        ) -> None:
+    """Valid but ineffective: exit 0, OK, and a warning naming what would act."""
+    cfg = tmp_path / "mptcpd.toml"
+    cfg.write_text("[daemon]\nplugin_dirs = []\n" + settings)  # the shipped plugins only
+    assert main(["check-config", str(cfg)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"warning: {warning}\n"
+    assert captured.out.startswith(f"{cfg}: OK (plugins: ")
 
 
 def test_check_config_reports_each_problem_on_its_own_line_and_exits_78(
