@@ -6,8 +6,10 @@ An interface counts as cellular when its name matches one of the
 link (ARPHRD_RAWIP, as qmi_wwan / rmnet / mhi modems are).
 
 In-kernel path manager: endpoints on cellular interfaces (whatever plugin
-proposed them) get the ``backup`` flag; the kernel sends data over backup
-subflows only when no other subflow works, and moves back when one does.
+proposed them; one proposed without an interface, ifindex 0, by the
+interface its address is on) get the ``backup`` flag; the kernel sends
+data over backup subflows only when no other subflow works, and moves
+back when one does.
 
 Userspace path manager: as soon as a connection has a subflow over a
 non-cellular interface, each of its subflows over a cellular interface is
@@ -77,12 +79,21 @@ class BackupCellular(Plugin):
         out = []
         for proposal in proposed:
             intent = proposal
-            iface = net.interfaces.get(intent.ifindex)
+            iface = self._intent_interface(net, intent)
             if self._cellular(iface) and EndpointFlags.BACKUP not in intent.flags:
                 intent = intent.with_flags(intent.flags | EndpointFlags.BACKUP,
                                            "cellular interface: backup")
             out.append(intent)
         return out
+
+    @staticmethod
+    def _intent_interface(net: NetworkSnapshot, intent: EndpointIntent) -> Interface | None:
+        """The intent's interface; with ifindex 0 (no device given, which the
+        core accepts), the one interface holding its address, if only one does."""
+        if intent.ifindex:
+            return net.interfaces.get(intent.ifindex)
+        holders = {a.index for a in net.addresses if a.address == intent.address}
+        return net.interfaces.get(holders.pop()) if len(holders) == 1 else None
 
     def _subflow_interface(self, ctx: ConnectionContext, subflow: Subflow) -> Interface | None:
         if subflow.ifindex:
