@@ -465,7 +465,7 @@ class Core:
                 continue
             out.append(EndpointIntent(item.address, item.ifindex, EndpointFlags(item.flags),
                                       item.port, _priority(item.priority) or (),
-                                      item.plugin or state.name, item.reason))
+                                      reason=item.reason, plugin=item.plugin or state.name))
         return tuple(out)
 
     async def _reconcile_pass(self, *, full: bool, reasons: list[str | RtnlEvent]) -> None:

@@ -60,8 +60,8 @@ class EndpointIntent:
     flags: EndpointFlags
     port: int = 0  # only with SIGNAL and without SUBFLOW (the kernel's rule)
     priority: tuple[Any, ...] = ()  # lower wins when the kernel's 8 slots are scarce
-    plugin: str = ""  # who proposed it (filled in by the core)
     reason: str = ""  # why, for logs and `ctl monitor`
+    plugin: str = ""  # who proposed it (filled in by the core); after reason, as documented
 
     @classmethod
     def for_candidate(
@@ -191,7 +191,6 @@ class ConnectionContext:
         local: Address | str,
         remote: Address | str | RemoteAddress | None = None,
         remote_port: int | None = None,
-        *,
         backup: bool = False,
         reason: str = "",
     ) -> None:
