@@ -247,7 +247,8 @@ HOOKS: Mapping[str, HookSpec] = {
     "subflow_closed": HookSpec(("ctx", "subflow"), "A subflow went away."),
     "subflow_priority": HookSpec(("ctx", "subflow"), "A subflow's backup flag changed."),
     "network_changed": HookSpec(
-        ("ctx",), "The eligible addresses changed; called once per established connection."
+        ("ctx",), "The network changed (or a periodic resync): say what should exist now; "
+        "called once per established connection."
     ),
     "listener_created": HookSpec(("listener", "net"), "An MPTCP listener appeared."),
     "listener_closed": HookSpec(("listener", "net"), "An MPTCP listener went away."),
