@@ -3,6 +3,7 @@ rebuilt from sock_diag after an event overflow, so it stays exact."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class ConnectionRecord:
     # keeps it with the in-kernel PM for good and refuses our commands.
     kernel_managed: bool = False
     _snapshot: Connection | None = None
+    _snapshot_stale_at: float = math.inf  # when a pending subflow in it times out
 
     def __post_init__(self) -> None:
         self.local_ids.setdefault(self.local, 0)
@@ -54,7 +56,16 @@ class ConnectionRecord:
         self._snapshot = None
 
     def snapshot(self) -> Connection:
-        if self._snapshot is None:
+        if self._snapshot is None or (
+                self.pending and time.monotonic() >= self._snapshot_stale_at):
+            pending: tuple[tuple[Address, Address, int], ...] = ()
+            self._snapshot_stale_at = math.inf
+            if self.pending:
+                now = time.monotonic()
+                # A create past its timeout may be tried again: no longer pending.
+                pending = tuple(pair for pair, until in self.pending.items() if until > now)
+                self._snapshot_stale_at = min((until for until in self.pending.values()
+                                               if until > now), default=math.inf)
             self._snapshot = Connection(
                 token=self.token, local=self.local, local_port=self.local_port,
                 remote=self.remote, remote_port=self.remote_port,
@@ -62,6 +73,7 @@ class ConnectionRecord:
                 subflows=tuple(self.subflows.values()),
                 remotes=tuple(sorted(self.remotes.values(), key=lambda r: r.id)),
                 announced=tuple((i, a, p) for i, (a, p) in sorted(self.announced.items())),
+                pending=pending,
             )
         return self._snapshot
 

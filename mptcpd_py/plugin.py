@@ -123,6 +123,9 @@ class Connection:
     subflows: tuple[Subflow, ...] = ()
     remotes: tuple[RemoteAddress, ...] = ()
     announced: tuple[tuple[int, Address, int], ...] = ()  # (local id, address, port)
+    # Subflows the daemon asked for that are neither up nor failed yet, as
+    # (local, remote, remote port): they count against a budget of subflows.
+    pending: tuple[tuple[Address, Address, int], ...] = ()
 
     def has_subflow(self, local: Address, remote: Address, remote_port: int | None = None
                     ) -> bool:

@@ -231,12 +231,14 @@ class UserspacePM:
                 cand = net.candidate(action.local)
                 ifindex = cand.interface.index if cand is not None else 0
                 rec.pending[pair] = now + PENDING_TIMEOUT
+                rec.changed()  # the next hook sees it pending (a subflow budget counts it)
                 try:
                     await pm.subflow_create(token, action.local, local_id, action.remote,
                                             action.remote_port, ifindex=ifindex,
                                             backup=action.backup)
                 except BaseException:
                     rec.pending.pop(pair, None)
+                    rec.changed()
                     raise
             elif action.kind == "destroy_subflow":
                 assert action.local is not None and action.remote is not None

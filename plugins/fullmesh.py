@@ -7,11 +7,12 @@ announced (signal endpoints are left alone: the kernel refuses both).
 Userspace path manager: for each established connection, a subflow from
 every eligible local address to every known peer address (the initial one
 and those announced) of the same family, up to ``max_subflows`` per
-connection; a path that comes back (its address eligible again) gets its
-subflows again, the initial subflow's path included. Connections this
-host accepted are left alone: a subflow is the client's to open (a join
-toward the client's ephemeral port is refused); a server announces its
-addresses instead (``server_announce``).
+connection (the initial one and those being opened included); a path that
+comes back (its address eligible again) gets its subflows again, the
+initial subflow's path included. Connections this host accepted are left
+alone: a subflow is the client's to open (a join toward the client's
+ephemeral port is refused); a server announces its addresses instead
+(``server_announce``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class Fullmesh(Plugin):
         if not conn.established or conn.server_side:
             return
         remotes = list(conn.remotes) or [RemoteAddress(0, conn.remote, conn.remote_port)]
-        count = len(conn.subflows) or 1
+        # Subflows being opened count too: the peer's ADD_ADDR may come
+        # before the join asked for on establishment is up.
+        count = (len(conn.subflows) or 1) + len(conn.pending)
         budget = self.config["max_subflows"] - count
         for cand in ctx.net.eligible:
             local = cand.address.address
@@ -65,7 +68,8 @@ class Fullmesh(Plugin):
                 if local.version != remote.address.version:
                     continue
                 port = remote.port or conn.remote_port
-                if conn.has_subflow(local, remote.address, port):  # the initial one too
+                if conn.has_subflow(local, remote.address, port) or \
+                        (local, remote.address, port) in conn.pending:  # the initial one too
                     continue
                 ctx.create_subflow(local, remote.address, port,
                                    reason=f"fullmesh {local} -> {remote.address}")
