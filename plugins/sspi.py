@@ -5,11 +5,22 @@ For each established connection, one subflow from each eligible interface
 address, using the interface's first eligible address of the connection's
 family. An interface that comes back gets its subflow again, the initial
 subflow's interface included; a second subflow over the same interface is
-never opened. Connections this host accepted are left alone: a subflow is
-the client's to open (use ``server_announce`` on a server).
+never opened (nor while one is being opened). Connections this host
+accepted are left alone: a subflow is the client's to open (use
+``server_announce`` on a server).
 
-(The C mptcpd's sspi never creates a subflow: it announces with id 0,
-which the kernel refuses. This one does.)
+Differences from the C mptcpd's sspi:
+
+- it never creates a subflow (it announces with id 0, which the kernel
+  refuses); this one does;
+- it closes any second subflow on an interface that already carries one,
+  whoever opened it, on both sides. This one only never opens one: it
+  closes nothing. On a server the extra subflows are the client's (its
+  path manager, the in-kernel one, never opens a closed one again, so the
+  client would lose those paths for the whole connection), and a client's
+  duplicates can only come from another plugin, such as ``fullmesh``,
+  which would open again what sspi closed, in a loop. Enable sspi alone
+  for one subflow per interface.
 """
 
 from __future__ import annotations
@@ -26,9 +37,12 @@ class SingleSubflowPerInterface(Plugin):
         if not conn.established or conn.server_side:
             return
         by_address = {a.address: a.index for a in ctx.net.addresses}
-        # Interfaces carrying a subflow now: the initial one is among the
-        # subflows while it lives, so its interface gets a new one after it died.
+        # Interfaces carrying a subflow now, or one being opened (the
+        # interface's first address may change meanwhile): the initial one is
+        # among the subflows while it lives, so its interface gets a new one
+        # after it died.
         used = {by_address.get(s.local) for s in conn.subflows}
+        used.update(by_address.get(local) for local, _remote, _port in conn.pending)
         for cand in ctx.net.eligible:
             index = cand.interface.index
             local = cand.address.address
