@@ -137,13 +137,17 @@ class SourceRouting:
         await self.ensure(wanted)  # corrects the rest
 
     async def ensure(self, wanted: dict[Address, OwnedRoute]) -> None:
-        """Add (or correct) these routes and touch no others: what a pass
-        does before adding an endpoint, whose first subflows the kernel
-        opens inside the add itself."""
+        """Add (or correct) these routes and touch no others but the owned
+        addresses that share their table's gateway: what a pass does before
+        adding an endpoint, whose first subflows the kernel opens inside the
+        add itself."""
         # Every outdated record goes before any is added anew: the addresses
         # of one table share its routes, and a new gateway's default route
         # added while another address still holds the old one would get
-        # EEXIST from ours (the kernel's identity ignores the gateway).
+        # EEXIST from ours (the kernel's identity ignores the gateway). An
+        # owned address of such a table that is not in ``wanted`` moves to
+        # the new gateway with them, as the pass would move it.
+        wanted = {**self._moved_siblings(wanted), **wanted}
         for address, want in wanted.items():
             have = self.owned.get(address)
             if have is not None and have != want:
@@ -178,6 +182,19 @@ class SourceRouting:
             present = found in rules if isinstance(found, Rule) else _route_key(found) in routes
             if not present:
                 del self.foreign[address]
+
+    def _moved_siblings(self, wanted: dict[Address, OwnedRoute]) -> dict[Address, OwnedRoute]:
+        """Owned addresses not in ``wanted`` whose table (and family) it
+        gives another gateway, each with that gateway: one interface has
+        one gateway per family."""
+        gateways = {(want.table, _family(want.address)): want.gateway
+                    for want in wanted.values()}
+        moved = {}
+        for have in self.owned.values():
+            gateway = gateways.get((have.table, _family(have.address)), have.gateway)
+            if have.address not in wanted and gateway != have.gateway:
+                moved[have.address] = dataclasses.replace(have, gateway=gateway)
+        return moved
 
     def _still_used(self, r: OwnedRoute) -> list[Route]:
         """The table routes of ``r`` that another owned address still needs."""

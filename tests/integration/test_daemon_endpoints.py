@@ -541,6 +541,43 @@ def test_a_new_gateway_moves_the_shared_table_and_keeps_every_rule(
     _stops_leaving_no_rule_or_route(d, box, table)
 
 
+def test_an_address_added_with_a_new_gateway_gets_its_rule_beside_its_sibling(
+        box: Netns, daemons, tmp_path: Path) -> None:
+    """A gateway change and a new address of the same interface in one
+    pass: the new address is routed before the pass moves its sibling to
+    the new gateway, and its default route must not be taken for someone
+    else's because the sibling still held the old one. Sent as one batch so
+    the daemon sees both at once (it may still see them apart)."""
+    box.ip("route", "add", "default", "via", "192.0.2.254", "dev", "eth0")
+    box.ip("addr", "add", "2001:db8:7::1/64", "dev", "eth0", "nodad")
+    box.ip("-6", "route", "add", "default", "via", "2001:db8:7::fe", "dev", "eth0")
+    d = daemons(box, daemon_config(str(tmp_path / "state"))).start()
+
+    def ruled(*addresses: str) -> bool:
+        rules = box.ip("-4", "rule", "show") + box.ip("-6", "rule", "show")
+        return all(f"from {a} lookup " in rules for a in addresses)
+
+    wait_for(lambda: ruled("192.0.2.1", "2001:db8:7::1"), what="a rule for each address")
+    table = box.ip("rule", "show").split("from 192.0.2.1 lookup ")[1].split()[0]
+    batch = tmp_path / "batch"
+    batch.write_text("route replace default via 192.0.2.253 dev eth0\n"
+                     "addr add 192.0.2.11/24 dev eth0\n"
+                     "route replace default via 2001:db8:7::fd dev eth0\n"
+                     "addr add 2001:db8:7::2/64 dev eth0 nodad\n")
+    box.ip("-batch", str(batch))
+
+    def moved() -> bool:
+        v4 = box.ip("route", "show", "table", table)
+        v6 = box.ip("-6", "route", "show", "table", table)
+        return ("default via 192.0.2.253 dev eth0" in v4 and "192.0.2.254" not in v4
+                and "default via 2001:db8:7::fd dev eth0" in v6 and "2001:db8:7::fe" not in v6)
+
+    wait_for(lambda: moved() and ruled("192.0.2.1", "192.0.2.11", "2001:db8:7::1",
+                                       "2001:db8:7::2"),
+             what="the table on the new gateways, a rule for every address")
+    _stops_leaving_no_rule_or_route(d, box, table)
+
+
 def _stops_leaving_no_rule_or_route(d: Any, box: Netns, table: str) -> None:
     """The shared-table tests' end: a clean stop takes every rule and the
     table's routes, with nothing taken for someone else's on the way."""

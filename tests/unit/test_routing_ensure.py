@@ -76,3 +76,64 @@ async def test_ensure_adds_corrects_and_retries_a_conflict_about_another_route(
     third = route_via("198.51.100.252")
     await routing.ensure({third.address: third})
     assert routing.owned == {third.address: third} and third.address not in routing.foreign
+
+
+class KernelLikeRtnl(FakeRtnl):
+    """Refuses a route by the kernel's identity (family, destination, table,
+    metric: not gateway, device or preferred source) and deletes one only if
+    the gateway and preferred source given match, as the kernel does."""
+
+    @staticmethod
+    def _identity(route: Route) -> tuple[Any, ...]:
+        return (route.family, route.dst, route.table, route.priority)
+
+    def _find(self, route: Route) -> Route | None:
+        return next((made for made in self.routes_made | self.taken
+                     if self._identity(made) == self._identity(route)), None)
+
+    async def add_route(self, route: Route) -> None:
+        if self._find(route) is not None:
+            raise EndpointExists(errno.EEXIST, "File exists", "add route")
+        self.routes_made.add(route)
+
+    async def delete_route(self, route: Route) -> None:
+        made = self._find(route)
+        if made is not None and route.gateway in (None, made.gateway) and \
+                route.prefsrc in (None, made.prefsrc):
+            self.routes_made.discard(made)
+
+    async def add_rule(self, rule: Rule) -> None:
+        if rule in self.rules_made:
+            raise EndpointExists(errno.EEXIST, "File exists", "add rule")
+        self.rules_made.add(rule)
+
+
+def on_eth(address: str, gateway: str) -> OwnedRoute:
+    """An address of interface 3 (table 10003) with its subnet."""
+    return OwnedRoute(A(address), 3, 10003, 10000, A(gateway), "198.51.100.0/24")
+
+
+async def test_a_new_address_gets_its_rule_when_the_gateway_changes_in_the_same_pass(
+        tmp_path: Path) -> None:
+    # One event-driven pass sees the interface's gateway change and adds the
+    # endpoint of a new address C while its sibling B still holds the old
+    # default route: the pass routes C first (ensure gets C alone), then
+    # reconciles every address.
+    rtnl = KernelLikeRtnl()
+    routing = SourceRouting(rtnl, StateStore(str(tmp_path)), Log())
+    old_b = on_eth("198.51.100.2", "198.51.100.254")
+    await routing.reconcile({old_b.address: old_b})
+    new_b, new_c = on_eth("198.51.100.2", "198.51.100.253"), on_eth("198.51.100.3",
+                                                                    "198.51.100.253")
+    await routing.ensure({new_c.address: new_c})
+    assert routing.owned[new_c.address] == new_c and new_c.address not in routing.foreign
+    wanted = {new_b.address: new_b, new_c.address: new_c}
+    await routing.reconcile(wanted)
+    await routing.reconcile(wanted, verify=True)  # the next full pass changes nothing
+    assert routing.owned == wanted and routing.foreign == {}
+    assert {rule.src for rule in rtnl.rules_made} == {
+        ipaddress.ip_network("198.51.100.2/32"), ipaddress.ip_network("198.51.100.3/32")}
+    assert {(r.dst, r.gateway) for r in rtnl.routes_made} == {
+        (ipaddress.ip_network("198.51.100.0/24"), None),
+        (ipaddress.ip_network("0.0.0.0/0"), A("198.51.100.253"))}
+
