@@ -154,8 +154,8 @@ class SourceRouting:
                 await self._remove(have)
         for address, want in wanted.items():
             conflict = self.foreign.get(address)
-            if conflict is not None and conflict[0] != want:
-                del self.foreign[address]  # that conflict was about another route
+            if conflict is not None and (conflict[0] != want or self._ours(conflict[1])):
+                del self.foreign[address]  # about another route, or one of ours
             if address not in self.owned and address not in self.foreign:
                 await self._add(want)
 
@@ -180,7 +180,7 @@ class SourceRouting:
                 await self._remove(have, quiet=True)
         for address, (_, found) in list(self.foreign.items()):
             present = found in rules if isinstance(found, Rule) else _route_key(found) in routes
-            if not present:
+            if not present or self._ours(found):
                 del self.foreign[address]
 
     def _moved_siblings(self, wanted: dict[Address, OwnedRoute]) -> dict[Address, OwnedRoute]:
@@ -195,6 +195,13 @@ class SourceRouting:
             if have.address not in wanted and gateway != have.gateway:
                 moved[have.address] = dataclasses.replace(have, gateway=gateway)
         return moved
+
+    def _ours(self, found: Rule | Route) -> bool:
+        """Whether a conflict is a table route of an owned address (an
+        address left to its owner when a sibling's route was in the way):
+        it then has no other owner, and the address is tried again."""
+        return isinstance(found, Route) and _route_key(found) in {
+            _route_key(route) for have in self.owned.values() for route in _table_routes(have)}
 
     def _still_used(self, r: OwnedRoute) -> list[Route]:
         """The table routes of ``r`` that another owned address still needs."""

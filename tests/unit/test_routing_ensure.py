@@ -3,6 +3,7 @@ or corrects the routes it is given and gives a stale conflict another try."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 from pathlib import Path
@@ -137,3 +138,27 @@ async def test_a_new_address_gets_its_rule_when_the_gateway_changes_in_the_same_
         (ipaddress.ip_network("198.51.100.0/24"), None),
         (ipaddress.ip_network("0.0.0.0/0"), A("198.51.100.253"))}
 
+
+async def test_a_conflict_with_a_route_of_our_own_is_tried_again(tmp_path: Path) -> None:
+    # However an address came to be left to the owner of a route that an
+    # owned sibling holds, the next pass gives it its rule: it has no
+    # other owner. A route truly someone else's still keeps it out.
+    rtnl = KernelLikeRtnl()
+    routing = SourceRouting(rtnl, StateStore(str(tmp_path)), Log())
+    b, c = on_eth("198.51.100.2", "198.51.100.253"), on_eth("198.51.100.3", "198.51.100.253")
+    await routing.reconcile({b.address: b})
+    ours = next(r for r in rtnl.routes_made if r.gateway is not None)
+    routing.foreign[c.address] = (c, ours)
+    await routing.reconcile({b.address: b, c.address: c}, verify=True)
+    assert set(routing.owned) == {b.address, c.address} and routing.foreign == {}
+    assert len(rtnl.rules_made) == 2
+    # Someone else's default route in another interface's table: left alone.
+    d = OwnedRoute(A("203.0.113.2"), 4, 10004, 10000, A("203.0.113.254"), "")
+    theirs = Route(family=2, dst=ipaddress.ip_network("0.0.0.0/0"), table=10004,
+                   gateway=A("203.0.113.1"), oif=4)
+    rtnl.taken = {theirs}
+    wanted = {b.address: b, c.address: c, d.address: d}
+    await routing.reconcile(wanted, verify=True)
+    await routing.reconcile(wanted, verify=True)
+    assert routing.foreign == {d.address: (d, dataclasses.replace(theirs, gateway=d.gateway))}
+    assert d.address not in routing.owned and len(rtnl.rules_made) == 2
