@@ -61,6 +61,10 @@ from mptcpd_py.sysctl import active_path_manager, read_mptcp_sysctl
 #: theirs within seconds.
 UNROUTED_WINDOW = 30.0
 
+#: Passes whose error a waiter of ``reconcile_now`` can still read after
+#: they finished (it wakes right away; later passes may run in between).
+PASS_ERRORS_KEPT = 16
+
 #: Upper bounds (seconds) of the event-handling latency histogram's buckets.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                    0.1, 0.25, 0.5, 1.0, 2.5)
@@ -169,7 +173,9 @@ class Core:
         self._first_pass = asyncio.Event()
         self._pass_done = asyncio.Condition()
         self._passes = 0  # passes run, failed ones too (reconcile_now waits on it)
-        self._last_pass_error: KernelError | None = None
+        # The errors of the last few passes that failed, by pass number: a
+        # waiter reports its own pass's, whatever passes ran since.
+        self._pass_errors: dict[int, Exception] = {}
         # What triggered the running pass (for monitor): an event is only
         # turned into words when someone asks.
         self._pass_reasons: list[str | RtnlEvent] = []
@@ -379,13 +385,14 @@ class Core:
 
     async def reconcile_now(self, reason: str, full: bool = True) -> None:
         """Request a pass and wait until one that includes it has finished;
-        raises the KernelError that ended it if the last one failed."""
+        raises the error that ended that pass (not a later one's)."""
         target = self._passes + (2 if self._pass_lock.locked() else 1)
         self.request_reconcile(reason, full=full)
         async with self._pass_done:
             await self._pass_done.wait_for(lambda: self._passes >= target)
-            if self._last_pass_error is not None:
-                raise self._last_pass_error
+            error = self._pass_errors.get(target)
+            if error is not None:
+                raise error
 
     async def _reconcile_loop(self) -> None:
         interval = self.config.daemon.reconcile_interval
@@ -471,15 +478,22 @@ class Core:
     async def _reconcile_pass(self, *, full: bool, reasons: list[str | RtnlEvent]) -> None:
         try:
             await self._run_pass(full=full, reasons=reasons)
-        except KernelError as exc:
-            await self._pass_finished(exc)  # a failed pass has run all the same
+        except Exception as exc:
+            # A failed pass has run all the same, whatever ended it (a
+            # NetlinkError too): its waiters get its error now, not after
+            # the next pass that succeeds.
+            await self._pass_finished(exc)
             raise
         await self._pass_finished(None)
 
-    async def _pass_finished(self, error: KernelError | None) -> None:
+    async def _pass_finished(self, error: Exception | None) -> None:
         async with self._pass_done:
             self._passes += 1
-            self._last_pass_error = error
+            if error is not None:
+                self._pass_errors[self._passes] = error
+            # Waiters wake at once; a few passes' worth covers a late one.
+            for number in [n for n in self._pass_errors if n <= self._passes - PASS_ERRORS_KEPT]:
+                del self._pass_errors[number]
             self._pass_done.notify_all()
 
     async def _run_pass(self, *, full: bool, reasons: list[str | RtnlEvent]) -> None:

@@ -47,6 +47,7 @@ from mptcpd_py.errors import (
     FamilyMissing,
     KernelError,
     MptcpdError,
+    NetlinkError,
     PermissionDenied,
 )
 from mptcpd_py.kernel_settings import KernelSettingsError
@@ -475,7 +476,7 @@ class Daemon:
         outcome = ReloadOutcome(True)
         try:
             await core.reload(config, available)
-        except (KernelSettingsError, KernelError) as exc:
+        except (KernelSettingsError, KernelError, NetlinkError) as exc:
             self.log.error("reload partly failed", error=str(exc))
             outcome = ReloadOutcome(False, error=str(exc))
         if self.control is not None:
