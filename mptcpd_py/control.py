@@ -498,6 +498,7 @@ class ControlServer:
         self._deliveries: set[asyncio.Task[None]] = set()
         self._delivery_bytes = 0
         self._reading = False
+        self._closing = ""  # why, once close() began: nothing more is read or started
         self._housekeeping: asyncio.Task[None] | None = None
         self._housework = asyncio.Event()  # a subscription to expire or lines to report
         self._noise = _LogLimiter(on_suppress=self._housework.set)
@@ -604,6 +605,10 @@ class ControlServer:
         not yet answered why it never will be (a datagram client is not told
         when the socket closes: it would wait for its full timeout), stop
         serving, remove the file."""
+        # First of all: close() waits below, and a request read meanwhile
+        # would start alongside the stop and never be answered.
+        self._closing = reason
+        self._pause()
         for sub in list(self.subscriptions.values()):
             self._send_now(sub.peer.address, encode_event(
                 sub.request_id, {"time": time.time(), "kind": "stopping", "reason": reason}))
@@ -624,7 +629,10 @@ class ControlServer:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._pause()
+        # Requests that arrived while it waited: told, not left to time out.
+        for _ in range(MAX_PENDING):
+            if not self._read_one():
+                break
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -636,6 +644,8 @@ class ControlServer:
     # ------------------------------------------------------------ reading
 
     def _resume(self) -> None:
+        if self._closing:
+            return  # close() stopped reading for good
         if not self._reading and self.sock is not None and self._loop is not None:
             self._loop.add_reader(self.sock.fileno(), self._on_readable)
             self._reading = True
@@ -646,30 +656,35 @@ class ControlServer:
         self._reading = False
 
     def _on_readable(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
         for _ in range(READ_BATCH):
             if self._pending >= MAX_PENDING:
                 # The kernel's queue fills and pushes back on the senders.
                 self._pause()
                 return
-            try:
-                data, ancillary, flags, address = sock.recvmsg(MAX_REQUEST + 1,
-                                                               _ANCILLARY_SPACE)
-            except (BlockingIOError, InterruptedError):
+            if not self._read_one():
                 return
-            except OSError as exc:
-                if self._noise.allow(time.monotonic()):
-                    self.log.warning("control socket read failed", error=exc.strerror)
-                return
-            pid, uid, gid = _credentials(ancillary)
-            self.counters.datagrams += 1
-            if not address:
-                self.counters.unanswerable += 1
-                continue
-            oversized = bool(flags & socket.MSG_TRUNC) or len(data) > MAX_REQUEST
-            self._handle(data, Peer(address, pid, uid, gid), oversized)
+
+    def _read_one(self) -> bool:
+        """Read and handle one datagram; False when none was there to read."""
+        sock = self.sock
+        if sock is None:
+            return False
+        try:
+            data, ancillary, flags, address = sock.recvmsg(MAX_REQUEST + 1, _ANCILLARY_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            if self._noise.allow(time.monotonic()):
+                self.log.warning("control socket read failed", error=exc.strerror)
+            return False
+        pid, uid, gid = _credentials(ancillary)
+        self.counters.datagrams += 1
+        if not address:
+            self.counters.unanswerable += 1
+            return True
+        oversized = bool(flags & socket.MSG_TRUNC) or len(data) > MAX_REQUEST
+        self._handle(data, Peer(address, pid, uid, gid), oversized)
+        return True
 
     def _handle(self, data: bytes, peer: Peer, oversized: bool) -> None:
         try:
@@ -678,6 +693,10 @@ class ControlServer:
             request = parse_request(data)
         except ProtocolError as exc:
             self._refuse(peer, exc.request_id, exc)
+            return
+        if self._closing:
+            self._refuse(peer, request.id, ProtocolError(
+                STOPPING, f"{self._closing} ({_shorten(request.command)} not started)"))
             return
         if request.command in ("monitor", "unsubscribe") and request.args:
             self._refuse(peer, request.id, ProtocolError(
@@ -730,8 +749,11 @@ class ControlServer:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Start waiting requests, one client after the other."""
+        """Start waiting requests, one client after the other (none once
+        closing: close() answers them)."""
         assert self._loop is not None
+        if self._closing:
+            return
         while len(self._running) < MAX_RUNNING and self._turns:
             address = self._turns.popleft()
             waiting = self._waiting[address]

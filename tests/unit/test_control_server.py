@@ -364,6 +364,50 @@ async def test_closing_answers_requests_still_running_or_waiting_so_clients_do_n
             ("the daemon is stopping (block not finished)", 69)
 
 
+async def test_a_request_sent_while_closing_is_answered_stopping_and_never_started(
+        sockdir: str) -> None:
+    """close() waits for the requests it cancelled: a datagram that arrives
+    meanwhile used to be read and started (a reload alongside the stop),
+    and its client, never answered, waited its full timeout."""
+    started: list[int] = []
+    forever = asyncio.Event()
+
+    async def block(request: Request, _peer: Peer) -> Any:
+        started.append(request.id or 0)
+        try:
+            await forever.wait()
+        except asyncio.CancelledError:
+            # close() has begun: it cancelled this and waits for it to end.
+            if request.id == 1:
+                late.send(encode_request("block", 2))
+            raise
+
+    srv = ControlServer(os.path.join(sockdir, "control"),
+                        commands={"block": Command("block", block)}, monitor=Monitor(),
+                        log=get_logger())
+    await srv.start()
+    late = raw_client(srv.path)
+    try:
+        first = raw_client(srv.path)
+        first.send(encode_request("block", 1))
+
+        async def running() -> None:
+            while not started:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(running(), 5)
+        await srv.close()
+        for sock, request_id, what in ((first, 1, "not finished"), (late, 2, "not started")):
+            reply = await receive(sock)
+            assert (reply["id"], reply["error"]) == (request_id, {
+                "code": "stopping", "message": f"the daemon is stopping (block {what})"})
+            sock.close()
+        assert started == [1]
+    finally:
+        late.close()
+        await srv.close()
+
+
 CLIENT = """
 import json, socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
