@@ -52,7 +52,7 @@ from mptcpd_py.netlink.types import (
 from mptcpd_py.plugin import EndpointIntent, PluginState, idle_plugins_warnings
 from mptcpd_py.plugins_host import FAILED, PluginHost
 from mptcpd_py.routing import SourceRouting, desired_routes, gateway_of
-from mptcpd_py.state import OwnedEndpoint, StateStore
+from mptcpd_py.state import Inherited, OwnedEndpoint, StateStore
 from mptcpd_py.supervise import supervise
 from mptcpd_py.sysctl import active_path_manager, read_mptcp_sysctl
 
@@ -688,8 +688,11 @@ class Core:
     async def stop(self, *, undo: bool = False) -> None:
         """Let a running pass finish (cancelled half-way, an add acked by the
         kernel could go unrecorded), then stop the loops and clean up.
-        ``undo``: remove and restore everything whatever ``on_exit`` says
-        (a start that failed part-way)."""
+        ``undo`` (a start that failed part-way): whatever ``on_exit`` says,
+        remove the endpoints and routes this process added and restore the
+        settings it changed; what the state file held at start (a previous
+        daemon's endpoints and recorded originals) stays, for the next
+        start to adopt."""
         self._stopping = True
         try:
             async with self._pass_lock:
@@ -700,12 +703,16 @@ class Core:
                         await task
                 self._tasks = []
                 if undo or self.config.daemon.on_exit == "remove":
+                    inherited = self.store.inherited if undo else Inherited()
                     if self.reconciler is not None:
-                        await self.reconciler.remove_all()
+                        await self.reconciler.remove_all(
+                            keep=inherited.endpoints,
+                            reason="start failed" if undo else "daemon stopping")
                     if self.routing is not None:
-                        await self.routing.remove_all()
+                        await self.routing.remove_all(keep=inherited.routes)
                     if self.pm is not None:
-                        await restore_kernel_settings(self.pm, self.store, self.log)
+                        await restore_kernel_settings(self.pm, self.store, self.log,
+                                                      own_only=undo)
                 else:
                     owned = len(self.reconciler.owned) if self.reconciler else 0
                     self.log.info("keeping endpoints at exit (on_exit = keep)", endpoints=owned)

@@ -160,20 +160,11 @@ class Daemon:
             await self._start_metrics(config.metrics.listen)
         except StartupError as exc:
             self.log.error("cannot start", error=str(exc))
-            notify(f"STATUS=failed: {exc}")
-            await self._stop_observability()
-            if core_started or (self.core is not None and self.core.kernel_touched):
-                # A start that failed part-way takes back all it did (sysctls,
-                # limits, endpoints, routes), even with on_exit = "keep": keep
-                # is for an orderly stop, whose endpoints stay right until the
-                # next daemon adopts them. After a failed start nobody keeps
-                # them up to date and no next daemon may come (exits 69, 77
-                # and 78 are not restarted): half-applied settings that nobody
-                # restores are worse than none.
-                await self._stop_core(undo=True)
-            else:
-                await self._close_core()
-            return exc.code
+            return await self._failed_start(str(exc), exc.code, core_started)
+        except Exception as exc:  # a bug; what this start did is taken back all the same
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            self.log.error("cannot start", error=error, exc_info=exc)
+            return await self._failed_start(error, EX_SOFTWARE_FAIL, core_started)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -199,6 +190,26 @@ class Daemon:
         self.log.info("stopped")
         return code
 
+    async def _failed_start(self, error: str, code: int, core_started: bool) -> int:
+        """Close the control socket and take back what this start changed;
+        ``code`` is the exit status."""
+        notify(f"STATUS=failed: {error}")
+        await self._stop_observability()
+        if core_started or (self.core is not None and self.core.kernel_touched):
+            # A start that failed part-way takes back what it did itself
+            # (endpoints and routes it added, sysctls and limits it changed),
+            # even with on_exit = "keep": keep is for an orderly stop, whose
+            # endpoints stay right until the next daemon adopts them. After
+            # a failed start nobody keeps them up to date and no next daemon
+            # may come (exits 69, 77 and 78 are not restarted). What a
+            # previous daemon left for this one to adopt stays, recorded in
+            # the state file: exit 1 is restarted, and removing it on every
+            # attempt would close live subflows each time.
+            await self._stop_core(undo=True)
+        else:
+            await self._close_core()
+        return code
+
     async def _start_core(self, core: Core) -> None:
         try:
             await core.start()
@@ -208,7 +219,7 @@ class Daemon:
             raise StartupError(f"{exc}; run as root or with CAP_NET_ADMIN", EX_NOPERM) from None
         except KernelSettingsError as exc:
             raise StartupError(str(exc), EX_CONFIG) from None
-        except KernelError as exc:
+        except (KernelError, NetlinkError) as exc:
             raise StartupError(str(exc), EX_SOFTWARE_FAIL) from None
         except OSError as exc:
             code = EX_NOPERM if exc.errno in (errno.EPERM, errno.EACCES) else EX_SOFTWARE_FAIL

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -486,12 +486,16 @@ class EndpointReconciler:
                       flags=str(rec.flags), ifname=self.ifname_of(rec.ifindex),
                       plugin=rec.plugin or None, reason=op.reason)
 
-    async def remove_all(self) -> list[OwnedEndpoint]:
-        """Delete every endpoint we own (shutdown with on_exit = "remove")."""
+    async def remove_all(self, *, keep: Collection[Key] = (),
+                         reason: str = "daemon stopping") -> list[OwnedEndpoint]:
+        """Delete every endpoint we own (shutdown with on_exit = "remove")
+        but those of ``keep``, which stay owned (a failed start leaves
+        what it inherited to the next)."""
         removed = []
         with contextlib.suppress(KernelError):  # go on with what we know
             await self.resync()
-        present, gone, _ = match_owned(self.observed, self.owned)
+        present, gone, _ = match_owned(
+            self.observed, {key: rec for key, rec in self.owned.items() if key not in keep})
         for rec in gone:
             self.store.drop_endpoint(rec)
         for rec, _ep in list(present.values()):
@@ -499,7 +503,7 @@ class EndpointReconciler:
                 await self.pm.delete_endpoint(rec.id, rec.address)
                 removed.append(rec)
                 self.log.info("endpoint removed", addr=str(rec.address), endpoint_id=rec.id,
-                              ifname=self.ifname_of(rec.ifindex), reason="daemon stopping")
+                              ifname=self.ifname_of(rec.ifindex), reason=reason)
             except NoSuchEndpoint:
                 pass
             except KernelError as exc:

@@ -13,7 +13,7 @@ from mptcpd_py.config import KernelConfig
 from mptcpd_py.endpoints import PathManagerAPI
 from mptcpd_py.errors import KernelError, MptcpdError
 from mptcpd_py.netlink.types import Capabilities
-from mptcpd_py.state import StateStore
+from mptcpd_py.state import Inherited, StateStore
 from mptcpd_py.sysctl import (
     active_path_manager,
     read_mptcp_sysctl,
@@ -110,10 +110,14 @@ async def apply_kernel_settings(cfg: KernelConfig, caps: Capabilities, pm: PathM
     return warnings
 
 
-async def restore_kernel_settings(pm: PathManagerAPI, store: StateStore, log: Any) -> None:
-    """Put back what the daemon changed (on_exit = "remove")."""
+async def restore_kernel_settings(pm: PathManagerAPI, store: StateStore, log: Any, *,
+                                  own_only: bool = False) -> None:
+    """Put back what the daemon changed (on_exit = "remove"). ``own_only``:
+    only what this process changed (a failed start); the originals a
+    previous daemon recorded stay in the state file for the next start."""
     state = store.state
-    if state.saved_limits is not None:
+    inherited = store.inherited if own_only else Inherited()
+    if state.saved_limits is not None and not inherited.limits:
         try:
             await pm.set_limits(subflows=state.saved_limits["subflows"],
                                 add_addr_accepted=state.saved_limits["add_addr_accepted"])
@@ -123,6 +127,8 @@ async def restore_kernel_settings(pm: PathManagerAPI, store: StateStore, log: An
         except KernelError as exc:
             log.error("limits not restored", error=str(exc))
     for key, value in list(state.saved_sysctls.items()):
+        if key in inherited.sysctls:
+            continue
         try:
             write_mptcp_sysctl(key, value)
             log.info("sysctl restored", sysctl=f"net.mptcp.{key}", value=value)

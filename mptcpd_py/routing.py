@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
 
 from mptcpd_py.config import RoutingConfig
@@ -279,6 +279,7 @@ class SourceRouting:
         if not quiet:
             self.log.info("source route removed", addr=str(r.address), table=r.table)
 
-    async def remove_all(self) -> None:
-        for r in list(self.owned.values()):
+    async def remove_all(self, *, keep: Collection[Address] = ()) -> None:
+        """Remove every owned rule and route but those of ``keep``'s addresses."""
+        for r in [r for r in self.owned.values() if r.address not in keep]:
             await self._remove(r)

@@ -88,6 +88,23 @@ class State:
     pid: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Inherited:
+    """What the state file held when this process loaded it: endpoints and
+    routes a previous daemon left for this one to adopt, and the originals
+    it recorded. A failed start takes back only what it did itself."""
+
+    endpoints: frozenset[tuple[Address, int]] = frozenset()
+    routes: frozenset[Address] = frozenset()
+    sysctls: frozenset[str] = frozenset()
+    limits: bool = False
+
+    @classmethod
+    def of(cls, state: State) -> Inherited:
+        return cls(frozenset(state.endpoints), frozenset(state.routes),
+                   frozenset(state.saved_sysctls), state.saved_limits is not None)
+
+
 class StateStore:
     """Load and save :class:`State` at ``state_dir/state.json``."""
 
@@ -96,6 +113,7 @@ class StateStore:
         self.path = os.path.join(state_dir, "state.json")
         self.journal_path = os.path.join(state_dir, "state.journal")
         self.state = State()
+        self.inherited = Inherited()  # set by load()
         self.problem = ""
         self.dirty = False
         self.journal_lines = 0
@@ -132,6 +150,7 @@ class StateStore:
             state = State()
         self._replay(state)
         self.state = state
+        self.inherited = Inherited.of(state)
         return state
 
     def _replay(self, state: State) -> None:

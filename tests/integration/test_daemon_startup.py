@@ -1,7 +1,8 @@
 """A start that fails leaves the namespace as it found it: sysctls, limits,
 endpoints and source routes the start had changed are taken back (even
-with on_exit = "keep"), and a control socket that cannot be made stops the
-start with exit 78 (not restarted) before the kernel is touched."""
+with on_exit = "keep"), while what a previous daemon left for it to adopt
+stays; and a control socket that cannot be made stops the start with exit
+78 (not restarted) before the kernel is touched."""
 
 from __future__ import annotations
 
@@ -22,16 +23,18 @@ READ_ONLY_PATH_MANAGER = ["unshare", "--mount", "sh", "-c",
                           f"mount --bind {PATH_MANAGER} {PATH_MANAGER} && "
                           f'mount -o remount,bind,ro {PATH_MANAGER} && exec "$@"', "sh"]
 # Runs the daemon (the arguments after PYTHON -m mptcpd_py) with the source
-# routes' reconcile failing: a KernelError in the first pass, after its
-# endpoints and their routes were added, which the kernel does not give on demand.
+# routes' reconcile failing: by default a KernelError in the first pass,
+# after its endpoints and their routes were added, which the kernel does not
+# give on demand.
+KERNEL_REFUSAL = 'KernelError(errno.ENOBUFS, "injected", "route dump")'
 FAILING_FIRST_PASS = """
 import errno, sys
 sys.path.insert(0, {root!r})
-from mptcpd_py.errors import KernelError
+from mptcpd_py.errors import KernelError, NetlinkError
 from mptcpd_py.routing import SourceRouting
 
 async def refuse(self, *args, **kwargs):
-    raise KernelError(errno.ENOBUFS, "injected", "route dump")
+    raise {error}
 
 SourceRouting.reconcile = refuse
 from mptcpd_py.cli import main
@@ -96,16 +99,25 @@ def test_a_kernel_setting_refused_part_way_takes_back_the_ones_before_it(
     assert saved(state) == NOTHING_SAVED
 
 
-def test_a_first_pass_that_fails_takes_back_endpoints_routes_limits_and_sysctls(
-        box: Netns, daemons: Any, tmp_path: Path) -> None:
-    before = untouched(box)
+def failing_first_pass(tmp_path: Path, error: str = KERNEL_REFUSAL) -> list[str]:
+    """The prefix that runs the daemon with its first pass failing with ``error``."""
     wrapper = tmp_path / "failing_first_pass.py"
-    wrapper.write_text(FAILING_FIRST_PASS.format(root=str(ROOT)))
+    wrapper.write_text(FAILING_FIRST_PASS.format(root=str(ROOT), error=error))
+    return [sys.executable, str(wrapper)]
+
+
+@pytest.mark.parametrize(("error", "message"), [
+    (KERNEL_REFUSAL, "route dump: kernel refused the request (injected)"),
+    ('NetlinkError("injected: netlink socket closed")', "injected: netlink socket closed"),
+])
+def test_a_first_pass_that_fails_takes_back_endpoints_routes_limits_and_sysctls(
+        box: Netns, daemons: Any, tmp_path: Path, error: str, message: str) -> None:
+    before = untouched(box)
     state = tmp_path / "state"
     cfg = daemon_config(str(state), plugins=["addr_adv"], on_exit="keep",
                         extra="[kernel.limits]\nsubflows = 4\n")
-    d = daemons(box, cfg, prefix=[sys.executable, str(wrapper)])
-    assert refused_start(d, 1) == "route dump: kernel refused the request (injected)"
+    d = daemons(box, cfg, prefix=failing_first_pass(tmp_path, error))
+    assert refused_start(d, 1) == message
     events = [line["event"] for line in d.logs()]
     # It had got that far: all of it is undone.
     for done in ("MPTCP enabled", "limits set", "endpoint added", "source route added",
@@ -114,6 +126,75 @@ def test_a_first_pass_that_fails_takes_back_endpoints_routes_limits_and_sysctls(
         assert done in events, done
     assert untouched(box) == before
     assert saved(state) == NOTHING_SAVED
+    assert not (state / "control").exists()
+
+
+def test_an_unexpected_exception_in_start_is_exit_1_and_takes_back_what_it_did(
+        box: Netns, daemons: Any, tmp_path: Path) -> None:
+    """A bug: said as one (with its traceback in the log), and the start is
+    taken back as any other failed start, the control socket closed."""
+    before = untouched(box)
+    state = tmp_path / "state"
+    cfg = daemon_config(str(state), plugins=["addr_adv"], on_exit="keep")
+    d = daemons(box, cfg, prefix=failing_first_pass(tmp_path, 'RuntimeError("injected bug")'))
+    d.start(wait_ready=False)
+    assert d.proc is not None
+    assert d.proc.wait(timeout=20) == 1, d.log_text()
+    d.close()
+    assert [e["error"] for e in d.errors()] == ["internal error: RuntimeError: injected bug"]
+    events = [line["event"] for line in d.logs()]
+    for done in ("endpoint added", "endpoint removed", "source route removed",
+                 "sysctl restored"):
+        assert done in events, done
+    assert untouched(box) == before
+    assert saved(state) == NOTHING_SAVED
+    assert not (state / "control").exists()
+
+
+def test_a_failed_start_leaves_what_a_previous_daemon_left_for_it_to_adopt(
+        box: Netns, daemons: Any, tmp_path: Path) -> None:
+    """A daemon stopped with on_exit = "keep" leaves its endpoint, its source
+    route and its record of net.mptcp.enabled's original for the next one.
+    A next one whose first pass fails (exit 1: systemd starts another) takes
+    back what it did itself (an endpoint and route for a new address, the
+    limits), not what it inherited: that would close live subflows on each
+    attempt."""
+    before = untouched(box)
+    state = tmp_path / "state"
+    cfg = daemon_config(str(state), plugins=["addr_adv"], on_exit="keep")
+    first = daemons(box, cfg, name="first").start()
+    assert first.stop() == 0
+    kept = saved(state)
+    assert [e["address"] for e in kept["endpoints"]] == ["192.0.2.1"]
+    assert [r["address"] for r in kept["routes"]] == ["192.0.2.1"]
+    assert kept["saved_sysctls"] == {"enabled": "0"}
+    kept_endpoints = box.ip("mptcp", "endpoint", "show")
+    assert "192.0.2.1" in kept_endpoints
+    box.stub_link("eth1")
+    box.ip("addr", "add", "198.51.100.1/24", "dev", "eth1")
+    box.ip("route", "add", "default", "via", "198.51.100.254", "metric", "200")
+    second = daemons(box, cfg + "[kernel.limits]\nsubflows = 4\n", name="second",
+                     prefix=failing_first_pass(tmp_path))
+    assert refused_start(second, 1) == "route dump: kernel refused the request (injected)"
+    logs = second.logs()
+    added = [line["addr"] for line in logs if line["event"] == "endpoint added"]
+    assert added == ["198.51.100.1"]
+    assert [line["addr"] for line in logs if line["event"] == "endpoint removed"] == added
+    # Inherited: the endpoint (same id), its rule, MPTCP enabled and the
+    # record of the original; its own: the limits, put back.
+    assert box.ip("mptcp", "endpoint", "show") == kept_endpoints
+    assert [r["src"] for r in untouched(box)["rules"]] == ["192.0.2.1"]
+    assert box.read_sysctl("net.mptcp.enabled") == "1"
+    assert untouched(box)["limits"] == before["limits"]
+    assert saved(state) == kept
+    # The next start adopts all of it; its stop (on_exit = "remove") removes
+    # and restores it: the namespace is as it was before the first.
+    third = daemons(box, daemon_config(str(state), plugins=["addr_adv"]), name="third")
+    third.start()
+    assert third.stop() == 0
+    box.ip("route", "del", "default", "via", "198.51.100.254")
+    box.ip("link", "del", "eth1")
+    assert untouched(box) == before
 
 
 
