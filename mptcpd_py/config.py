@@ -144,7 +144,7 @@ DAEMON = Schema(
         "plugins": Option(STR_LIST, ["addr_adv", "backup_cellular"],
                           "Enabled policies, in order."),
         "on_exit": Option(STR, "remove", "What happens to the daemon's endpoints at exit "
-                          "(a start that fails takes back everything either way).",
+                          "(a start that fails takes back what it did itself either way).",
                           choices=("remove", "keep")),
         "reconcile_interval": Option(FLOAT, 30.0, "Seconds between full resyncs with the kernel.",
                                      min=0.05, max=86400),
